@@ -1,0 +1,38 @@
+# Paceline. `make run` brings up a local stack; `make test` runs every test.
+.PHONY: all install services migrate lint test unit run bench chaos up down clean
+
+# The project's own uv, Python from this machine (never downloaded), one lock file.
+UV := $(shell bash deploy/ensure-uv.sh)
+export UV_PYTHON_DOWNLOADS := never
+export UV_PYTHON := python3
+RUN := $(UV) run --frozen
+
+all: lint test
+
+install:
+	$(UV) sync --all-packages --frozen
+
+services:
+	bash deploy/ensure-services.sh
+
+migrate: install services
+	$(RUN) paceline-scheduler migrate
+	$(RUN) paceline-reporting migrate
+
+lint: install
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+	$(RUN) mypy libs/contracts/src libs/engine/src libs/infra/src services/scheduler/src \
+		services/activity-worker/src services/reporting/src services/admin/src
+
+test: install services
+	$(RUN) pytest $(PYTEST_ARGS)
+
+unit: install
+	$(RUN) pytest tests/unit $(PYTEST_ARGS)
+
+run: migrate
+	$(RUN) python deploy/run_stack.py
+
+clean:
+	rm -rf .paceline .venv

@@ -1,0 +1,127 @@
+"""Paceline services as real processes: start, signal, restart, stop.
+
+Used by `make run` (through run_stack.py, which supervises them) and by the integration tests
+(which SIGKILL and SIGSTOP them). A development tool, not part of any service.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+COMMANDS = {
+    "scheduler": "paceline-scheduler",
+    "activity-worker": "paceline-activity-worker",
+    "reporting": "paceline-reporting",
+    "admin": "paceline-admin",
+}
+
+
+@dataclass
+class Service:
+    name: str
+    """Unique within the stack, e.g. `activity-worker-2`."""
+    kind: str
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    """PACELINE_* settings every service gets, on top of this process's environment."""
+    log_dir: Path
+    services: dict[str, Service] = field(default_factory=dict)
+
+    def migrate(self) -> None:
+        for kind in ("scheduler", "reporting"):
+            subprocess.run([str(BIN / COMMANDS[kind]), "migrate"], env=self._environ({}),
+                           check=True, stdout=subprocess.DEVNULL)
+
+    def add(self, kind: str, name: str | None = None, **env: str) -> Service:
+        name = name or self._next_name(kind)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        service = Service(name, kind, env, self.log_dir / f"{name}.log")
+        self.services[name] = service
+        self.start(name)
+        return service
+
+    def start(self, name: str) -> Service:
+        service = self.services[name]
+        log = service.log_path.open("ab")
+        service.process = subprocess.Popen(
+            [str(BIN / COMMANDS[service.kind]), "run"],
+            env=self._environ(service.env), stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, cwd=ROOT,
+        )
+        log.close()
+        return service
+
+    def signal(self, name: str, signum: signal.Signals) -> None:
+        service = self.services[name]
+        if service.alive():
+            os.kill(service.pid, signum)
+
+    def kill(self, name: str) -> None:
+        """A crash: SIGKILL, and wait until the process is gone."""
+        self.signal(name, signal.SIGKILL)
+        process = self.services[name].process
+        if process is not None:
+            process.wait()
+
+    def stop(self, name: str, timeout: float = 60.0) -> int | None:
+        """A friendly shutdown: SIGTERM, then wait; returns the exit code."""
+        service = self.services[name]
+        if not service.alive():
+            return service.process.returncode if service.process else None
+        assert service.process is not None
+        service.process.send_signal(signal.SIGTERM)
+        try:
+            return service.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            service.process.kill()
+            return service.process.wait()
+
+    def stop_all(self, timeout: float = 60.0) -> None:
+        for service in self.services.values():
+            if service.alive():
+                # Resume a frozen one first, or SIGTERM waits forever.
+                self.signal(service.name, signal.SIGCONT)
+                self.signal(service.name, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for service in self.services.values():
+            if service.process is None:
+                continue
+            try:
+                service.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                service.process.kill()
+                service.process.wait()
+
+    def of_kind(self, kind: str) -> list[Service]:
+        return [s for s in self.services.values() if s.kind == kind]
+
+    def _next_name(self, kind: str) -> str:
+        n = len(self.of_kind(kind)) + 1
+        return f"{kind}-{n}"
+
+    def _environ(self, extra: dict[str, str]) -> dict[str, str]:
+        return {**os.environ, **self.env, **extra}

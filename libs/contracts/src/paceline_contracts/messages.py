@@ -1,0 +1,152 @@
+"""One versioned pydantic model per message type.
+
+Each body is JSON with a `type` and a schema version `v`. A consumer parses with the union for
+its queue; anything that does not parse is dead-lettered with the parse error as its reason.
+Adding a field with a default keeps `v`; changing the meaning of one bumps it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from paceline_contracts.states import ActivityStatus, InstanceStatus
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ActivityError(Message):
+    """Why an activity failed."""
+
+    kind: str
+    """A short machine-readable category: `timeout`, `http`, `exit_code`, `adapter`, ..."""
+    message: str
+    """What happened, for a person."""
+
+
+# --- commands: admin -> scheduler -------------------------------------------------------------
+
+
+class StartInstance(Message):
+    """Start an instance the admin API has recorded as PENDING."""
+
+    type: Literal["instance.start"] = "instance.start"
+    v: Literal[1] = 1
+    instance_id: UUID
+
+
+class CancelInstance(Message):
+    """Cancel an instance that has not ended."""
+
+    type: Literal["instance.cancel"] = "instance.cancel"
+    v: Literal[1] = 1
+    instance_id: UUID
+    reason: str = "cancelled by an operator"
+
+
+Command = Annotated[StartInstance | CancelInstance, Field(discriminator="type")]
+COMMAND = TypeAdapter[Command](Command)
+
+
+# --- activities: scheduler -> worker -----------------------------------------------------------
+
+
+class ActivityTask(Message):
+    """One attempt at one activity, to be run by a worker."""
+
+    type: Literal["activity.task"] = "activity.task"
+    v: Literal[1] = 1
+    instance_id: UUID
+    step: str
+    """The step id in the definition."""
+    activity_type: str
+    """The adapter to run: `noop`, `sleep`, `http.request`, `shell.command`, ..."""
+    params: dict[str, Any]
+    """The step's `with`, expressions already evaluated."""
+    attempt: int
+    """The fencing token: results of any other attempt are late."""
+    restartable: bool
+    """The effective restartability: the type's default or the author's override."""
+    timeout_s: float | None = None
+    """Ends the attempt when it runs longer than this."""
+
+
+ACTIVITY_TASK = TypeAdapter[ActivityTask](ActivityTask)
+
+
+# --- results: worker -> scheduler --------------------------------------------------------------
+
+
+class ActivityResult(Message):
+    """The end of one attempt, as its worker saw it."""
+
+    type: Literal["activity.result"] = "activity.result"
+    v: Literal[1] = 1
+    instance_id: UUID
+    step: str
+    attempt: int
+    status: Literal[ActivityStatus.COMPLETED, ActivityStatus.FAILED, ActivityStatus.TIMED_OUT]
+    output: Any = None
+    error: ActivityError | None = None
+    server_id: str
+    """The worker that ran the attempt."""
+    started_at: datetime
+    finished_at: datetime
+
+
+Result = Annotated[ActivityResult, Field(discriminator="type")]
+RESULT = TypeAdapter[Result](Result)
+
+
+# --- events: scheduler -> reporting ------------------------------------------------------------
+
+
+class ActivitySnapshot(Message):
+    """An activity as it stands after a transition."""
+
+    step: str
+    activity_type: str
+    status: ActivityStatus
+    restartable: bool
+    attempts: int
+    server_id: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: ActivityError | None = None
+
+
+class InstanceSnapshot(Message):
+    """An instance as it stands after a transition."""
+
+    instance_id: UUID
+    definition: str
+    version: int
+    status: InstanceStatus
+    started_by: str
+    started_how: str
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: ActivityError | None = None
+
+
+class InstanceChanged(Message):
+    """What one scheduler transaction changed in one instance. Snapshots make it idempotent:
+    reporting keeps the one with the highest `seq`, whatever order they arrive in."""
+
+    type: Literal["instance.changed"] = "instance.changed"
+    v: Literal[1] = 1
+    seq: int
+    """Increases with every transaction on the instance."""
+    instance: InstanceSnapshot
+    activities: tuple[ActivitySnapshot, ...] = ()
+    """Only the activities this transaction changed."""
+
+
+Event = Annotated[InstanceChanged, Field(discriminator="type")]
+EVENT = TypeAdapter[Event](Event)

@@ -1,0 +1,33 @@
+"""Queue and exchange names. Every name lives under the namespace so stacks share a broker."""
+
+from enum import StrEnum
+
+
+class Queue(StrEnum):
+    """A work queue: durable, quorum, with its own dead-letter queue `<name>.dead`."""
+
+    ACTIVITIES = "activities"
+    """Activity messages from the scheduler to the workers."""
+    RESULTS = "results"
+    """Activity results from the workers to the scheduler."""
+    COMMANDS = "commands"
+    """Commands (start, cancel) from the admin API to the scheduler."""
+    EVENTS = "events"
+    """Instance events from the scheduler to reporting."""
+
+
+def exchange_name(namespace: str) -> str:
+    """The direct exchange every message is published to, routed by the queue's name."""
+    return f"{namespace}.x"
+
+
+def dead_letter_exchange_name(namespace: str) -> str:
+    return f"{namespace}.dlx"
+
+
+def queue_name(namespace: str, queue: Queue) -> str:
+    return f"{namespace}.{queue.value}"
+
+
+def dead_queue_name(namespace: str, queue: Queue) -> str:
+    return f"{namespace}.{queue.value}.dead"

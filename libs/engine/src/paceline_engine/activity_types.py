@@ -1,0 +1,117 @@
+"""What the engine knows of each built-in activity type: its parameters and whether it may run
+twice. The code that runs them lives in the activity-worker; this is the shared declaration."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NoopParams(BaseModel):
+    """`noop` takes anything and returns it."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+
+class SleepParams(Params):
+    seconds: float = Field(ge=0, le=86_400 * 7)
+    """How long to wait; cancellable."""
+
+
+IDEMPOTENT_HTTP_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class HttpRequestParams(Params):
+    method: Literal["GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"] = "GET"
+    url: str = Field(pattern=r"^https?://")
+    headers: dict[str, str] = Field(default_factory=dict)
+    json_body: Any = Field(default=None, alias="json")
+    """A JSON body; sent with `Content-Type: application/json`."""
+    expected_status: int | list[int] | None = None
+    """When set, any other status fails the activity (kind `http_status`)."""
+    timeout_s: float = Field(default=30.0, gt=0, alias="timeout")
+    """The request's own time-out, apart from the step's."""
+
+
+class ShellCommandParams(Params):
+    argv: list[str] = Field(min_length=1)
+    """The program and its arguments; run without a shell."""
+    timeout_s: float = Field(default=300.0, gt=0, alias="timeout")
+    env: dict[str, str] = Field(default_factory=dict)
+    """Added to the worker's environment."""
+    cwd: str | None = None
+    max_output_bytes: int = Field(default=65_536, ge=0, le=16 * 1024 * 1024)
+    """stdout and stderr are each cut to this many bytes."""
+    expected_exit_codes: list[int] = Field(default_factory=lambda: [0])
+    """Any other exit code fails the activity (kind `exit_code`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityType:
+    name: str
+    params: type[BaseModel]
+    restartable_by_default: Callable[[Mapping[str, Any]], bool]
+    """Given the step's `with` (possibly unrendered), whether it may run twice."""
+    override_allowed: bool = True
+    """Whether an author may set `restartable` on a step of this type."""
+
+    def parse_params(self, raw: Mapping[str, Any]) -> BaseModel:
+        """Parse rendered parameters; raises pydantic.ValidationError."""
+        return self.params.model_validate(raw)
+
+    def restartable(self, raw: Mapping[str, Any], override: bool | None) -> bool:
+        if override is not None and self.override_allowed:
+            return override
+        return self.restartable_by_default(raw)
+
+
+def _http_default(raw: Mapping[str, Any]) -> bool:
+    method = raw.get("method", "GET")
+    # An unrendered `${...}` method cannot be known to be safe: treat it as not restartable.
+    return isinstance(method, str) and method.upper() in IDEMPOTENT_HTTP_METHODS
+
+
+ACTIVITY_TYPES: Mapping[str, ActivityType] = {
+    t.name: t
+    for t in (
+        ActivityType("noop", NoopParams, lambda _: True),
+        ActivityType("sleep", SleepParams, lambda _: True),
+        ActivityType("http.request", HttpRequestParams, _http_default),
+        ActivityType("shell.command", ShellCommandParams, lambda _: False),
+    )
+}
+
+
+def param_problems(activity_type: ActivityType, raw: Mapping[str, Any]) -> list[str]:
+    """Problems with a step's `with` that are visible before expressions are rendered.
+
+    A field whose value holds a `${...}` is only checked for being a known field name.
+    """
+    static = {k: v for k, v in raw.items() if not _has_expression(v)}
+    problems: list[str] = []
+    try:
+        activity_type.params.model_validate(static)
+    except ValidationError as exc:
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "missing" and field in raw:
+                continue  # present, but as an expression
+            problems.append(f"{field}: {err['msg']}" if field else err["msg"])
+    return problems
+
+
+def _has_expression(value: Any) -> bool:
+    if isinstance(value, str):
+        return "${" in value
+    if isinstance(value, Mapping):
+        return any(_has_expression(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_expression(v) for v in value)
+    return False

@@ -1,0 +1,60 @@
+"""The durable state of one process instance, as the engine reads and writes it.
+
+The scheduler stores it as one JSON document per instance, so one row update commits a whole
+transition; the admin API reads the same document to show activities.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from paceline_contracts.messages import ActivityError
+from paceline_contracts.states import ActivityStatus, InstanceStatus
+
+
+class ActivityState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    status: ActivityStatus
+    attempt: int
+    """The current attempt: the only one whose result advances the process."""
+    restartable: bool
+    """Effective restartability: the type's default or the author's override."""
+    server_id: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    output: Any = None
+    error: ActivityError | None = None
+    reason: str | None = None
+    """Why the activity is where it is, when that is not obvious (a retry, a flag)."""
+
+
+class InstanceState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    status: InstanceStatus = InstanceStatus.PENDING
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    activities: dict[str, ActivityState] = Field(default_factory=dict)
+    """Every activity dispatched so far, in the order of first dispatch."""
+    branches: dict[str, bool] = Field(default_factory=dict)
+    """Condition step id -> True when `then` was taken; decided once, never re-evaluated."""
+    outputs: dict[str, Any] | None = None
+    error: ActivityError | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    seq: int = 0
+    """Transactions applied so far; orders the events reporting receives."""
+
+    def expression_context(self) -> dict[str, Any]:
+        return {
+            "inputs": self.inputs,
+            "steps": {
+                step: {"output": a.output}
+                for step, a in self.activities.items()
+                if a.status in (ActivityStatus.COMPLETED, ActivityStatus.SKIPPED)
+            },
+        }

@@ -1,0 +1,19 @@
+"""One log format for every service: a line per record, the service and server id in each."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def setup_logging(server_id: str, level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s %(levelname)s {server_id} %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # The AMQP client logs every reconnect attempt at WARNING with a traceback; keep ours.
+    logging.getLogger("aiormq").setLevel(logging.ERROR)
+    logging.getLogger("aio_pika").setLevel(logging.ERROR)

@@ -1,0 +1,42 @@
+"""The activity-worker process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+
+from paceline_contracts.queues import Queue
+from paceline_infra import amqp, telemetry
+from paceline_infra.identity import ServerIdentity
+from paceline_worker.runner import ActivityRunner
+from paceline_worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+async def serve(settings: WorkerSettings, identity: ServerIdentity, stop: asyncio.Event) -> None:
+    provider = telemetry.setup_tracing(identity, settings)
+    connection = await amqp.connect(settings, identity.id)
+    try:
+        async with httpx.AsyncClient() as http:
+            publisher = await amqp.Publisher.open(connection, settings.namespace)
+            runner = ActivityRunner(identity.id, publisher, http)
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=settings.worker_concurrency)
+            queue = await amqp.open_queue(channel, settings.namespace, Queue.ACTIVITIES)
+            tag = await queue.consume(runner.on_message, no_ack=False)
+            log.info("worker %s ready: concurrency %d", identity.id, settings.worker_concurrency)
+            await stop.wait()
+            await queue.cancel(tag)
+            log.info("draining %d in-flight activities (grace %.0fs)", len(runner.in_flight),
+                     settings.worker_grace_s)
+            cancelled = await runner.drain(settings.worker_grace_s)
+            if cancelled:
+                log.warning("%d activities still running at the deadline: left to the broker",
+                            cancelled)
+    finally:
+        await connection.close()
+        provider.shutdown()
+        log.info("worker %s stopped", identity.id)

@@ -1,0 +1,14 @@
+from __future__ import annotations
+
+from pydantic import Field
+
+from paceline_infra.settings import Settings
+
+
+class SchedulerSettings(Settings):
+    scheduler_prefetch: int = Field(default=400, ge=1, le=10_000)
+    """Unacked deliveries per consumer: at least a batch, so batches fill."""
+    scheduler_batch_size: int = Field(default=200, ge=1, le=5_000)
+    """Deliveries applied in one database transaction."""
+    scheduler_batch_window_ms: float = Field(default=5.0, ge=0, le=1_000)
+    """How long a batch waits for more deliveries after its first."""
