@@ -53,8 +53,12 @@ class Stack:
 
     def migrate(self) -> None:
         for kind in ("scheduler", "reporting"):
-            subprocess.run([str(BIN / COMMANDS[kind]), "migrate"], env=self._environ({}),
-                           check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [str(BIN / COMMANDS[kind]), "migrate"],
+                env=self._environ({}),
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
 
     def add(self, kind: str, name: str | None = None, **env: str) -> Service:
         name = name or self._next_name(kind)
@@ -69,8 +73,11 @@ class Stack:
         log = service.log_path.open("ab")
         service.process = subprocess.Popen(
             [str(BIN / COMMANDS[service.kind]), "run"],
-            env=self._environ(service.env), stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, cwd=ROOT,
+            env=self._environ(service.env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
         )
         log.close()
         return service

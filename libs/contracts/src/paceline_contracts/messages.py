@@ -24,7 +24,8 @@ class ActivityError(Message):
     """Why an activity failed."""
 
     kind: str
-    """A short machine-readable category: `timeout`, `http`, `exit_code`, `adapter`, ..."""
+    """A short machine-readable category: `timeout`, `http_status`, `http_transport`,
+    `exit_code`, `exec`, `bad_params`, `expression`, `adapter`, ..."""
     message: str
     """What happened, for a person."""
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class Params(BaseModel):
@@ -30,7 +30,7 @@ IDEMPOTENT_HTTP_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 class HttpRequestParams(Params):
     method: Literal["GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"] = "GET"
-    url: str = Field(pattern=r"^https?://")
+    url: str = Field(pattern=r"^(?i:https?)://")
     headers: dict[str, str] = Field(default_factory=dict)
     json_body: Any = Field(default=None, alias="json")
     """A JSON body; sent with `Content-Type: application/json`."""
@@ -38,6 +38,11 @@ class HttpRequestParams(Params):
     """When set, any other status fails the activity (kind `http_status`)."""
     timeout_s: float = Field(default=30.0, gt=0, alias="timeout")
     """The request's own time-out, apart from the step's."""
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
 
 class ShellCommandParams(Params):
@@ -89,13 +94,16 @@ ACTIVITY_TYPES: Mapping[str, ActivityType] = {
 }
 
 
-def param_problems(activity_type: ActivityType, raw: Mapping[str, Any]) -> list[str]:
+def param_problems(
+    activity_type: ActivityType, raw: Mapping[str, Any]
+) -> list[tuple[str, str]]:
     """Problems with a step's `with` that are visible before expressions are rendered.
 
     A field whose value holds a `${...}` is only checked for being a known field name.
+    Each problem is (field, message); field is "" for the parameters as a whole.
     """
     static = {k: v for k, v in raw.items() if not _has_expression(v)}
-    problems: list[str] = []
+    problems: list[tuple[str, str]] = []
     try:
         activity_type.params.model_validate(static)
     except ValidationError as exc:
@@ -103,7 +111,7 @@ def param_problems(activity_type: ActivityType, raw: Mapping[str, Any]) -> list[
             field = ".".join(str(p) for p in err["loc"])
             if err["type"] == "missing" and field in raw:
                 continue  # present, but as an expression
-            problems.append(f"{field}: {err['msg']}" if field else err["msg"])
+            problems.append((field, err["msg"]))
     return problems
 
 

@@ -223,7 +223,9 @@ class _Parser:
             self.problem(f"{path}.id", "required: letters, digits and '_', starting with a letter")
             step_id = f"?{path}"
         elif step_id in self.seen_ids:
-            self.problem(f"{path}.id", f"duplicate step id {step_id!r} (also at {self.seen_ids[step_id]})")
+            self.problem(
+                f"{path}.id", f"duplicate step id {step_id!r} (also at {self.seen_ids[step_id]})"
+            )
         else:
             self.seen_ids[step_id] = path
         kinds = [k for k in ("type", "if", "parallel") if k in raw]
@@ -254,8 +256,8 @@ class _Parser:
         else:
             template = self.template(params_raw, f"{path}.with", step_id, visible)
             if activity_type is not None:
-                for p in param_problems(activity_type, params_raw):
-                    self.problem(f"{path}.with.{p}" if not p.startswith(":") else path, p)
+                for where, message in param_problems(activity_type, params_raw):
+                    self.problem(f"{path}.with.{where}" if where else f"{path}.with", message)
         restartable = raw.get("restartable")
         if restartable is not None and not isinstance(restartable, bool):
             self.problem(f"{path}.restartable", "true or false")
@@ -358,7 +360,8 @@ class _Parser:
                     self.problem(path, f"{text}: a step cannot read its own output")
                 elif ref[1] not in visible:
                     self.problem(
-                        path, f"{text}: step {ref[1]!r} is not an activity that can have run before this"
+                        path,
+                        f"{text}: step {ref[1]!r} is not an activity that can have run before this",
                     )
                 elif len(ref) >= 3 and ref[2] != "output":
                     self.problem(path, f"{text}: a step exposes only 'output'")

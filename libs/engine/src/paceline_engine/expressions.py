@@ -1,5 +1,5 @@
-"""The expression language of process definitions: `${...}` inside the strings of a step's
-`with`, and the whole of a condition step's `if`.
+r"""The expression language of process definitions: `${...}` inside the strings of a step's
+`with`, and the whole of a condition step's `if` (which may also be wrapped as `${ ... }`).
 
 Definitions come from users, so expressions are read by a hand-written tokenizer and
 recursive-descent parser into a tree of frozen dataclasses and evaluated by walking that tree;
@@ -9,7 +9,8 @@ nothing here hands text to Python's own evaluator. From loosest to tightest bind
     not               prefix
     == != < <= > >=   and `in` / `not in` (an item of a list, a substring, a key of a dict);
                       comparisons do not chain: `a < b < c` is a parse error
-    + -   * / %       left-associative; then prefix `-`
+    + -   * / %       left-associative; `/` is true division, the rest keep ints ints
+    -                 prefix
     .name  [key]      access; a list takes an int index (negative counts from the end),
                       a dict a string key
     primaries         3, 2.5, 'text' or "text" (escapes \\ \' \" \n \t), true, false, null,
@@ -21,6 +22,10 @@ missing key, an index out of range, or any access on null gives null, because a 
 not taken has no entry in `steps`. Otherwise types are strict: booleans are not numbers
 (`true == 1` is false), `+` never converts to text, and ordering needs two numbers or two
 strings; anything else raises EvaluationError naming the operation and the types.
+
+In a template, a string that is exactly one `${...}` becomes that value, of whatever type; any
+other string with expressions becomes text, with true/false/null spelled so and lists and dicts
+as compact JSON. `$${` is a literal `${`.
 """
 
 from __future__ import annotations
@@ -44,9 +49,9 @@ __all__ = [
 ]
 
 ROOT_NAMES = ("inputs", "steps")
-# Bounds that keep recursion (parsing ~9 frames per bracket level, evaluation one per tree
-# level) far from Python's limit whatever a user writes.
-_MAX_NESTING = 32
+# Bounds that keep recursion (parsing ~16 frames per bracket level, evaluation one per tree
+# level) far from Python's limit of 1000 frames whatever a user writes.
+_MAX_NESTING = 20
 _MAX_DEPTH = 100
 
 
@@ -111,69 +116,51 @@ def _mismatch(op: str, a: Any, b: Any, why: str = "") -> EvaluationError:
     return EvaluationError(f"cannot apply '{op}' to {_type_name(a)} and {_type_name(b)}{reason}")
 
 
-def _arithmetic(op: str) -> Callable[[Any, Any], Any]:
-    fn = {
-        "+": operator.add,
-        "-": operator.sub,
-        "*": operator.mul,
-        "/": operator.truediv,
-        "%": operator.mod,
-    }[op]
+_OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
+    "+": operator.add,
+    "-": operator.sub,
+    "*": operator.mul,
+    "/": operator.truediv,
+    "%": operator.mod,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+}
 
-    def apply(a: Any, b: Any) -> Any:
-        if not (_is_number(a) and _is_number(b)):
-            if op == "+" and isinstance(a, str) and isinstance(b, str):
-                return a + b
-            if op == "+" and isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-                return [*a, *b]
-            raise _mismatch(op, a, b)
+
+def _contains(op: str, item: Any, container: Any) -> bool:
+    if isinstance(container, (list, tuple)):
+        return any(_equal(item, x) for x in container)
+    if isinstance(container, (str, Mapping)) and isinstance(item, str):
+        return item in container
+    if isinstance(container, (str, Mapping)):
+        raise _mismatch(op, item, container, f"only a string can be in a {_type_name(container)}")
+    raise _mismatch(op, item, container, "the right side must be a list, string or dict")
+
+
+def _binary(op: str, a: Any, b: Any) -> Any:
+    if op in ("==", "!="):
+        return _equal(a, b) == (op == "==")
+    if op in ("in", "not in"):
+        return _contains(op, a, b) == (op == "in")
+    numbers = _is_number(a) and _is_number(b)
+    if op in ("<", "<=", ">", ">="):
+        if numbers or (isinstance(a, str) and isinstance(b, str)):
+            return bool(_OPERATORS[op](a, b))
+        raise _mismatch(op, a, b, "ordering needs two numbers or two strings")
+    if numbers:
         try:
-            return fn(a, b)
+            return _OPERATORS[op](a, b)
         except ZeroDivisionError:
             raise _mismatch(op, a, b, "division by zero") from None
         except OverflowError:  # int/float mixes beyond the float range
             raise _mismatch(op, a, b, "result out of range") from None
-
-    return apply
-
-
-def _ordering(op: str) -> Callable[[Any, Any], Any]:
-    fn = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}[op]
-
-    def apply(a: Any, b: Any) -> Any:
-        if (_is_number(a) and _is_number(b)) or (isinstance(a, str) and isinstance(b, str)):
-            return bool(fn(a, b))
-        raise _mismatch(op, a, b, "ordering needs two numbers or two strings")
-
-    return apply
-
-
-def _membership(op: str) -> Callable[[Any, Any], Any]:
-    negate = op == "not in"
-
-    def apply(item: Any, container: Any) -> Any:
-        if isinstance(container, (list, tuple)):
-            found = any(_equal(item, x) for x in container)
-        elif isinstance(container, (str, Mapping)) and isinstance(item, str):
-            found = item in container
-        elif isinstance(container, (str, Mapping)):
-            raise _mismatch(
-                op, item, container, f"only a string can be in a {_type_name(container)}"
-            )
-        else:
-            raise _mismatch(op, item, container, "the right side must be a list, string or dict")
-        return found != negate
-
-    return apply
-
-
-_BINARY: dict[str, Callable[[Any, Any], Any]] = {
-    "==": _equal,
-    "!=": lambda a, b: not _equal(a, b),
-    **{op: _ordering(op) for op in ("<", "<=", ">", ">=")},
-    **{op: _membership(op) for op in ("in", "not in")},
-    **{op: _arithmetic(op) for op in ("+", "-", "*", "/", "%")},
-}
+    if op == "+" and isinstance(a, str) and isinstance(b, str):
+        return a + b
+    if op == "+" and isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return [*a, *b]
+    raise _mismatch(op, a, b)
 
 
 def _access(base: Any, key: Any) -> Any:
@@ -272,7 +259,7 @@ class _Binary(_Node):
             return bool(self.left.evaluate(ctx)) and bool(self.right.evaluate(ctx))
         if self.op == "or":
             return bool(self.left.evaluate(ctx)) or bool(self.right.evaluate(ctx))
-        return _BINARY[self.op](self.left.evaluate(ctx), self.right.evaluate(ctx))
+        return _binary(self.op, self.left.evaluate(ctx), self.right.evaluate(ctx))
 
     def children(self) -> tuple[_Node, ...]:
         return (self.left, self.right)
@@ -321,7 +308,7 @@ def _read_string(src: str, start: int, end: int) -> tuple[str, int]:
         elif i + 1 < end:
             raise ExpressionError(f"unknown escape '\\{src[i + 1]}' in a string", i)
         else:
-            break
+            i = end  # a backslash last escapes the end itself
     if i >= end:
         raise ExpressionError("unterminated string", start)
     return "".join(out), i + 1

@@ -19,14 +19,13 @@ from typing import Any
 
 from paceline_contracts.messages import ActivityError
 from paceline_contracts.states import ActivityStatus, InstanceStatus
+from paceline_engine.activity_types import ACTIVITY_TYPES
 from paceline_engine.definitions import (
     ActivityStep,
     ConditionStep,
     Definition,
-    ParallelStep,
     Step,
 )
-from paceline_engine.activity_types import ACTIVITY_TYPES
 from paceline_engine.expressions import EvaluationError
 from paceline_engine.state import ActivityState, InstanceState
 
@@ -147,8 +146,14 @@ class _Apply:
         self.changed: set[str] = set()
         self.failure: ActivityError | None = None
 
-    def note(self, kind: HistoryKind, reason: str, step: str | None = None,
-             attempt: int | None = None, **data: Any) -> None:
+    def note(
+        self,
+        kind: HistoryKind,
+        reason: str,
+        step: str | None = None,
+        attempt: int | None = None,
+        **data: Any,
+    ) -> None:
         self.history.append(HistoryEntry(kind, reason, step, attempt, data))
 
     def result(self) -> Transition:
@@ -174,8 +179,12 @@ class _Apply:
         activity.error = None
         self.ran(activity, event.server_id, event.started_at, event.finished_at)
         self.changed.add(event.step)
-        self.note(HistoryKind.COMPLETED, f"attempt {event.attempt} completed on {event.server_id}",
-                  event.step, event.attempt)
+        self.note(
+            HistoryKind.COMPLETED,
+            f"attempt {event.attempt} completed on {event.server_id}",
+            event.step,
+            event.attempt,
+        )
         self.advance()
 
     def failed(self, event: ActivityFailed) -> None:
@@ -186,15 +195,20 @@ class _Apply:
         activity.error = event.error
         self.changed.add(event.step)
         what = "timed out" if event.timed_out else "failed"
-        self.note(HistoryKind.FAILED,
-                  f"attempt {event.attempt} {what} on {event.server_id}: "
-                  f"{event.error.kind}: {event.error.message}",
-                  event.step, event.attempt)
+        self.note(
+            HistoryKind.FAILED,
+            f"attempt {event.attempt} {what} on {event.server_id}: "
+            f"{event.error.kind}: {event.error.message}",
+            event.step,
+            event.attempt,
+        )
         step = self.definition.activity(event.step)
         if event.attempt < step.retry.max_attempts:
             not_before = self.now + timedelta(seconds=step.retry.backoff_s)
-            reason = (f"attempt {event.attempt} of {step.retry.max_attempts} {what}; "
-                      f"retrying after {step.retry.backoff_s:g}s")
+            reason = (
+                f"attempt {event.attempt} of {step.retry.max_attempts} {what}; "
+                f"retrying after {step.retry.backoff_s:g}s"
+            )
             self.dispatch(step, event.attempt + 1, not_before, reason, HistoryKind.RETRY)
         else:
             activity.status = ActivityStatus.TIMED_OUT if event.timed_out else ActivityStatus.FAILED
@@ -213,24 +227,39 @@ class _Apply:
         """The activity, when a result of `attempt` may still advance it."""
         activity = self.state.activities.get(step)
         if activity is None:
-            self.note(HistoryKind.IGNORED, f"result for a step never dispatched ({outcome})",
-                      step, attempt)
+            self.note(
+                HistoryKind.IGNORED,
+                f"result for a step never dispatched ({outcome})",
+                step,
+                attempt,
+            )
             return None
         if attempt != activity.attempt or activity.status.is_final or self.state.status.is_final:
-            self.note(HistoryKind.LATE_RESULT,
-                      f"attempt {attempt} {outcome} late: the activity is {activity.status} "
-                      f"at attempt {activity.attempt}", step, attempt)
+            self.note(
+                HistoryKind.LATE_RESULT,
+                f"attempt {attempt} {outcome} late: the activity is {activity.status} "
+                f"at attempt {activity.attempt}",
+                step,
+                attempt,
+            )
             return None
         return activity
 
-    def ran(self, activity: ActivityState, server: str, started: datetime,
-            finished: datetime) -> None:
+    def ran(
+        self, activity: ActivityState, server: str, started: datetime, finished: datetime
+    ) -> None:
         activity.server_id = server
         activity.started_at = started
         activity.finished_at = finished
 
-    def dispatch(self, step: ActivityStep, attempt: int, not_before: datetime | None,
-                 reason: str, kind: HistoryKind = HistoryKind.DISPATCHED) -> None:
+    def dispatch(
+        self,
+        step: ActivityStep,
+        attempt: int,
+        not_before: datetime | None,
+        reason: str,
+        kind: HistoryKind = HistoryKind.DISPATCHED,
+    ) -> None:
         activity_type = ACTIVITY_TYPES[step.type]
         try:
             params = step.params.render(self.state.expression_context())
@@ -238,25 +267,33 @@ class _Apply:
             self.fail_step(step, ActivityError(kind="expression", message=str(exc)))
             return
         if not isinstance(params, dict):
-            self.fail_step(step, ActivityError(kind="expression", message="'with' is not an object"))
+            self.fail_step(
+                step, ActivityError(kind="expression", message="'with' is not an object")
+            )
             return
         restartable = activity_type.restartable(params, step.restartable_override)
         self.state.activities[step.id] = ActivityState(
-            type=step.type, status=ActivityStatus.SCHEDULED, attempt=attempt,
-            restartable=restartable, reason=reason,
+            type=step.type,
+            status=ActivityStatus.SCHEDULED,
+            attempt=attempt,
+            restartable=restartable,
+            reason=reason,
         )
         self.changed.add(step.id)
-        self.decisions.append(Dispatch(step.id, step.type, params, attempt, restartable,
-                                       step.timeout_s, not_before))
+        self.decisions.append(
+            Dispatch(step.id, step.type, params, attempt, restartable, step.timeout_s, not_before)
+        )
         self.note(kind, reason, step.id, attempt, restartable=restartable)
 
     def fail_step(self, step: ActivityStep, error: ActivityError) -> None:
         previous = self.state.activities.get(step.id)
         self.state.activities[step.id] = ActivityState(
-            type=step.type, status=ActivityStatus.FAILED,
+            type=step.type,
+            status=ActivityStatus.FAILED,
             attempt=previous.attempt if previous else 0,
             restartable=previous.restartable if previous else False,
-            error=error, reason="its parameters could not be evaluated",
+            error=error,
+            reason="its parameters could not be evaluated",
         )
         self.changed.add(step.id)
         self.note(HistoryKind.FAILED, f"{error.kind}: {error.message}", step.id)
@@ -267,26 +304,39 @@ class _Apply:
         walk = self.walk(self.definition.steps)
         if walk is _Walk.DONE:
             self.state.outputs = {
-                step: a.output for step, a in self.state.activities.items()
+                step: a.output
+                for step, a in self.state.activities.items()
                 if a.status in (ActivityStatus.COMPLETED, ActivityStatus.SKIPPED)
             }
-            self.finish(InstanceStatus.COMPLETED, None, HistoryKind.INSTANCE_COMPLETED,
-                        "every step finished")
+            self.finish(
+                InstanceStatus.COMPLETED,
+                None,
+                HistoryKind.INSTANCE_COMPLETED,
+                "every step finished",
+            )
         elif walk is _Walk.FAILED:
             error = self.failure or ActivityError(kind="failed", message="a step failed")
-            self.finish(InstanceStatus.FAILED, error, HistoryKind.INSTANCE_FAILED,
-                        f"{error.kind}: {error.message}")
+            self.finish(
+                InstanceStatus.FAILED,
+                error,
+                HistoryKind.INSTANCE_FAILED,
+                f"{error.kind}: {error.message}",
+            )
 
-    def finish(self, status: InstanceStatus, error: ActivityError | None, kind: HistoryKind,
-               reason: str) -> None:
+    def finish(
+        self, status: InstanceStatus, error: ActivityError | None, kind: HistoryKind, reason: str
+    ) -> None:
         self.state.status = status
         self.state.error = error
         self.state.finished_at = self.now
         # Activities dispatched in this same transition were never sent: take them back.
         unsent = {d.step for d in self.decisions if isinstance(d, Dispatch)}
         self.decisions = [d for d in self.decisions if not isinstance(d, Dispatch)]
-        self.history = [h for h in self.history if not (
-            h.kind in (HistoryKind.DISPATCHED, HistoryKind.RETRY) and h.step in unsent)]
+        self.history = [
+            h
+            for h in self.history
+            if not (h.kind in (HistoryKind.DISPATCHED, HistoryKind.RETRY) and h.step in unsent)
+        ]
         for step, activity in self.state.activities.items():
             if not activity.status.is_final:
                 # A worker may still be running it; its result will arrive late and be ignored.
@@ -321,12 +371,14 @@ class _Apply:
                 try:
                     taken = bool(step.condition.evaluate(self.state.expression_context()))
                 except EvaluationError as exc:
-                    self.failure = ActivityError(kind="expression",
-                                                 message=f"{step.id}.if: {exc}")
+                    self.failure = ActivityError(kind="expression", message=f"{step.id}.if: {exc}")
                     return _Walk.FAILED
                 self.state.branches[step.id] = taken
-                self.note(HistoryKind.BRANCH, f"'{step.condition.source}' is {taken}: "
-                          f"took {'then' if taken else 'else'}", step.id)
+                self.note(
+                    HistoryKind.BRANCH,
+                    f"'{step.condition.source}' is {taken}: took {'then' if taken else 'else'}",
+                    step.id,
+                )
             return self.walk(step.then if taken else step.otherwise)
         outcomes = [self.walk(branch) for branch in step.branches]
         if _Walk.FAILED in outcomes:
@@ -340,8 +392,7 @@ def new_instance(inputs: dict[str, Any]) -> InstanceState:
     return InstanceState(inputs=inputs)
 
 
-def apply(definition: Definition, state: InstanceState, event: Event,
-          now: datetime) -> Transition:
+def apply(definition: Definition, state: InstanceState, event: Event, now: datetime) -> Transition:
     """The pure transition function: never mutates `state`."""
     run = _Apply(definition, state, now)
     if isinstance(event, Start):

@@ -39,7 +39,8 @@ class InstanceState(BaseModel):
     status: InstanceStatus = InstanceStatus.PENDING
     inputs: dict[str, Any] = Field(default_factory=dict)
     activities: dict[str, ActivityState] = Field(default_factory=dict)
-    """Every activity dispatched so far, in the order of first dispatch."""
+    """Every activity dispatched so far, by step id (unordered: jsonb does not keep key
+    order; show them in definition order)."""
     branches: dict[str, bool] = Field(default_factory=dict)
     """Condition step id -> True when `then` was taken; decided once, never re-evaluated."""
     outputs: dict[str, Any] | None = None

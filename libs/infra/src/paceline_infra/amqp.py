@@ -98,8 +98,9 @@ class Outgoing:
 class Publisher:
     """Publishes persistent messages and waits for the broker's confirm of each."""
 
-    def __init__(self, channel: AbstractChannel, exchange: AbstractExchange,
-                 dlx: AbstractExchange) -> None:
+    def __init__(
+        self, channel: AbstractChannel, exchange: AbstractExchange, dlx: AbstractExchange
+    ) -> None:
         self._channel = channel
         self._exchange = exchange
         self._dlx = dlx
@@ -131,12 +132,12 @@ class Publisher:
     async def publish_all(self, messages: Iterable[Outgoing]) -> list[BaseException | None]:
         """Publish concurrently (confirms overlap instead of one round trip each); the result
         says, per message, None when confirmed or the error."""
-        results = await asyncio.gather(*(self.publish(m) for m in messages),
-                                       return_exceptions=True)
+        results = await asyncio.gather(*(self.publish(m) for m in messages), return_exceptions=True)
         return [r if isinstance(r, BaseException) else None for r in results]
 
-    async def dead_letter(self, queue: Queue, message: AbstractIncomingMessage,
-                          reason: str) -> None:
+    async def dead_letter(
+        self, queue: Queue, message: AbstractIncomingMessage, reason: str
+    ) -> None:
         """Move a message that cannot be handled to `<queue>.dead` with the reason in its
         headers, then ack it: it is kept, and the consumer goes on."""
         headers = dict(message.headers or {})

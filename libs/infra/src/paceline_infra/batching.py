@@ -8,6 +8,7 @@ first, and hands them over together.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -38,10 +39,9 @@ class Batcher:
 
     async def stop_consuming(self) -> None:
         for amqp_queue, tag in self._consumers:
-            try:
+            # The channel may be gone already; then there is nothing to cancel.
+            with contextlib.suppress(Exception):
                 await amqp_queue.cancel(tag)
-            except Exception:  # noqa: BLE001, S110 - the channel may be gone already
-                pass
         self._consumers.clear()
 
     async def batches(self, stop: asyncio.Event) -> AsyncIterator[list[Delivery]]:

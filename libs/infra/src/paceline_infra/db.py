@@ -29,7 +29,10 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
-        url, min_size=min_size, max_size=max_size, init=_init_connection,
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
         command_timeout=60,
     )
     assert pool is not None
@@ -95,7 +98,8 @@ async def migrate(url: str, migrations: Traversable) -> list[str]:
                 await conn.execute(f.read_text())
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                    version, f.name,
+                    version,
+                    f.name,
                 )
             applied.append(f.name)
             log.info("applied migration %s to %s", f.name, database_name(url))

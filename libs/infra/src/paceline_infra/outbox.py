@@ -11,6 +11,7 @@ harmless; a lost message is not possible.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
@@ -41,10 +42,20 @@ class OutboxMessage:
     """Held back until then: the relay publishes it, not the flush."""
 
     @classmethod
-    def of(cls, queue: Queue, message: BaseModel, headers: Mapping[str, str] | None = None,
-           not_before: datetime | None = None) -> OutboxMessage:
-        return cls(queue, message.model_dump_json().encode(), str(getattr(message, "type", "")),
-                   headers or {}, not_before=not_before)
+    def of(
+        cls,
+        queue: Queue,
+        message: BaseModel,
+        headers: Mapping[str, str] | None = None,
+        not_before: datetime | None = None,
+    ) -> OutboxMessage:
+        return cls(
+            queue,
+            message.model_dump_json().encode(),
+            str(getattr(message, "type", "")),
+            headers or {},
+            not_before=not_before,
+        )
 
     def outgoing(self) -> Outgoing:
         return Outgoing(self.queue, self.body, self.message_type, str(self.id), self.headers)
@@ -71,8 +82,9 @@ async def stage(conn: asyncpg.Connection, messages: Sequence[OutboxMessage]) -> 
     )
 
 
-async def flush(pool: asyncpg.Pool, publisher: Publisher,
-                messages: Sequence[OutboxMessage]) -> None:
+async def flush(
+    pool: asyncpg.Pool, publisher: Publisher, messages: Sequence[OutboxMessage]
+) -> None:
     """After the commit: publish what is due now and forget it. Failures stay for the relay."""
     due = [m for m in messages if m.not_before is None]
     if not due:
@@ -81,8 +93,12 @@ async def flush(pool: asyncpg.Pool, publisher: Publisher,
     sent = [m.id for m, err in zip(due, errors, strict=True) if err is None]
     failed = len(due) - len(sent)
     if failed:
-        log.warning("outbox: %d of %d publishes failed; the relay will retry them (%s)",
-                    failed, len(due), next(e for e in errors if e is not None))
+        log.warning(
+            "outbox: %d of %d publishes failed; the relay will retry them (%s)",
+            failed,
+            len(due),
+            next(e for e in errors if e is not None),
+        )
     if sent:
         try:
             await pool.execute("DELETE FROM outbox WHERE id = ANY($1::uuid[])", sent)
@@ -94,8 +110,14 @@ async def flush(pool: asyncpg.Pool, publisher: Publisher,
 class Relay:
     """Publishes what `flush` did not: rows left by a crash, an outage, or held back."""
 
-    def __init__(self, pool: asyncpg.Pool, publisher: Publisher, *, interval_s: float = 0.25,
-                 batch: int = 500) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        publisher: Publisher,
+        *,
+        interval_s: float = 0.25,
+        batch: int = 500,
+    ) -> None:
         self._pool = pool
         self._publisher = publisher
         self._interval_s = interval_s
@@ -109,10 +131,8 @@ class Relay:
                 log.warning("outbox relay: database unavailable: %s", exc)
                 sent = 0
             if sent < self._batch:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self._interval_s)
-                except TimeoutError:
-                    pass
 
     async def relay_once(self) -> int:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -125,19 +145,22 @@ class Relay:
                 LIMIT $1
                 FOR UPDATE SKIP LOCKED
                 """,
-                self._batch, GRACE_S,
+                self._batch,
+                GRACE_S,
             )
             if not rows:
                 return 0
             messages = [
-                Outgoing(Queue(r["queue"]), r["body"], r["message_type"], str(r["id"]),
-                         r["headers"])
+                Outgoing(
+                    Queue(r["queue"]), r["body"], r["message_type"], str(r["id"]), r["headers"]
+                )
                 for r in rows
             ]
             errors = await self._publisher.publish_all(messages)
             sent = [r["id"] for r, err in zip(rows, errors, strict=True) if err is None]
             await conn.execute("DELETE FROM outbox WHERE id = ANY($1::uuid[])", sent)
             if len(sent) < len(rows):
-                log.warning("outbox relay: %d publishes failed; retrying later",
-                            len(rows) - len(sent))
+                log.warning(
+                    "outbox relay: %d publishes failed; retrying later", len(rows) - len(sent)
+                )
             return len(sent)

@@ -45,8 +45,9 @@ def inject(context: Context | None = None) -> dict[str, str]:
 
 
 def extract(headers: Mapping[str, object] | None) -> Context:
-    carrier = {k: v.decode() if isinstance(v, bytes) else str(v)
-               for k, v in (headers or {}).items()}
+    carrier = {
+        k: v.decode() if isinstance(v, bytes) else str(v) for k, v in (headers or {}).items()
+    }
     return propagate.extract(carrier)
 
 

@@ -21,6 +21,8 @@ from functools import partial
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
+
 from paceline_contracts.messages import ActivityError
 from paceline_engine.activity_types import (
     ACTIVITY_TYPES,
@@ -29,7 +31,6 @@ from paceline_engine.activity_types import (
     ShellCommandParams,
     SleepParams,
 )
-from pydantic import ValidationError
 
 Adapter = Callable[[Any], Awaitable[Any]]
 

@@ -50,6 +50,7 @@ class ActivityRunner:
         self._http = http
         self._in_flight: dict[AttemptKey, _InFlight] = {}
         self._finished: OrderedDict[AttemptKey, Outgoing] = OrderedDict()
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def in_flight(self) -> list[ActivityTask]:
@@ -70,32 +71,51 @@ class ActivityRunner:
             log.info("attempt %s is already running here; will ack its redelivery with it", key)
             return
         if (result := self._finished.get(key)) is not None:
-            asyncio.create_task(self._settle([message], result), name=f"resettle {key}")
+            # Finished here already (its ack was lost with a channel): answer it again.
+            resettle = asyncio.create_task(self._settle([message], result))
+            self._background.add(resettle)
+            resettle.add_done_callback(self._background.discard)
             return
         flight = _InFlight(task, [message])
         self._in_flight[key] = flight
-        flight.runner = asyncio.create_task(self._run(key, flight, message.headers),
-                                            name=f"activity {key}")
+        flight.runner = asyncio.create_task(
+            self._run(key, flight, message.headers), name=f"activity {key}"
+        )
 
     async def _run(self, key: AttemptKey, flight: _InFlight, headers: Any) -> None:
         task = flight.task
         with telemetry.tracer().start_as_current_span(
-            f"run {task.activity_type}", context=telemetry.extract(headers),
+            f"run {task.activity_type}",
+            context=telemetry.extract(headers),
             kind=trace.SpanKind.CONSUMER,
-            attributes={"paceline.instance_id": str(task.instance_id), "paceline.step": task.step,
-                        "paceline.attempt": task.attempt,
-                        "paceline.restartable": task.restartable,
-                        "paceline.server_id": self._server_id},
+            attributes={
+                "paceline.instance_id": str(task.instance_id),
+                "paceline.step": task.step,
+                "paceline.attempt": task.attempt,
+                "paceline.restartable": task.restartable,
+                "paceline.server_id": self._server_id,
+            },
         ) as span:
             status, output, error = await self._execute(task)
             span.set_attribute("paceline.activity.status", status.value)
             result = ActivityResult(
-                instance_id=task.instance_id, step=task.step, attempt=task.attempt,
-                status=status, output=output, error=error, server_id=self._server_id,
-                started_at=flight.started_at, finished_at=datetime.now(UTC),
+                instance_id=task.instance_id,
+                step=task.step,
+                attempt=task.attempt,
+                status=status,
+                output=output,
+                error=error,
+                server_id=self._server_id,
+                started_at=flight.started_at,
+                finished_at=datetime.now(UTC),
             )
-            outgoing = Outgoing(Queue.RESULTS, result.model_dump_json().encode(), result.type,
-                                str(uuid.uuid4()), telemetry.inject())
+            outgoing = Outgoing(
+                Queue.RESULTS,
+                result.model_dump_json().encode(),
+                result.type,
+                str(uuid.uuid4()),
+                telemetry.inject(),
+            )
         self._finished[key] = outgoing
         while len(self._finished) > _FINISHED_KEPT:
             self._finished.popitem(last=False)
@@ -109,14 +129,22 @@ class ActivityRunner:
             async with asyncio.timeout(task.timeout_s):
                 output = await run_activity(task.activity_type, task.params, http=self._http)
         except TimeoutError:
-            return ActivityStatus.TIMED_OUT, None, ActivityError(
-                kind="timeout", message=f"ran longer than its timeout of {task.timeout_s:g}s")
+            return (
+                ActivityStatus.TIMED_OUT,
+                None,
+                ActivityError(
+                    kind="timeout", message=f"ran longer than its timeout of {task.timeout_s:g}s"
+                ),
+            )
         except ActivityFailure as failure:
             return ActivityStatus.FAILED, None, failure.to_error()
-        except Exception as exc:  # noqa: BLE001 - an adapter bug fails the activity, not us
+        except Exception as exc:
             log.exception("adapter %s raised", task.activity_type)
-            return ActivityStatus.FAILED, None, ActivityError(
-                kind="adapter", message=f"{type(exc).__name__}: {exc}")
+            return (
+                ActivityStatus.FAILED,
+                None,
+                ActivityError(kind="adapter", message=f"{type(exc).__name__}: {exc}"),
+            )
         return ActivityStatus.COMPLETED, output, None
 
     async def _settle(self, deliveries: list[AbstractIncomingMessage], result: Outgoing) -> None:
@@ -129,14 +157,14 @@ class ActivityRunner:
                 break
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - broker away: the robust connection returns
+            except Exception as exc:
                 log.warning("result publish failed (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         for delivery in deliveries:
             try:
                 await delivery.ack()
-            except Exception:  # noqa: BLE001 - its channel died: the broker redelivers it,
+            except Exception:
                 # and the finished-attempt cache answers that redelivery with this result.
                 log.info("ack failed for a delivery of a closed channel")
 

@@ -30,12 +30,16 @@ async def serve(settings: WorkerSettings, identity: ServerIdentity, stop: asynci
             log.info("worker %s ready: concurrency %d", identity.id, settings.worker_concurrency)
             await stop.wait()
             await queue.cancel(tag)
-            log.info("draining %d in-flight activities (grace %.0fs)", len(runner.in_flight),
-                     settings.worker_grace_s)
+            log.info(
+                "draining %d in-flight activities (grace %.0fs)",
+                len(runner.in_flight),
+                settings.worker_grace_s,
+            )
             cancelled = await runner.drain(settings.worker_grace_s)
             if cancelled:
-                log.warning("%d activities still running at the deadline: left to the broker",
-                            cancelled)
+                log.warning(
+                    "%d activities still running at the deadline: left to the broker", cancelled
+                )
     finally:
         await connection.close()
         provider.shutdown()

@@ -32,7 +32,10 @@ def migrate() -> None:
     """Create the reporting database if needed and apply its migrations."""
     settings = Settings()
     setup_logging("migrate", settings.log_level)
-    applied = asyncio.run(db.migrate(settings.reporting_database_url,
-                                     files("paceline_reporting") / "migrations"))
-    typer.echo(f"reporting database {db.redact(settings.reporting_database_url)}: "
-               f"{len(applied)} migration(s) applied")
+    applied = asyncio.run(
+        db.migrate(settings.reporting_database_url, files("paceline_reporting") / "migrations")
+    )
+    typer.echo(
+        f"reporting database {db.redact(settings.reporting_database_url)}: "
+        f"{len(applied)} migration(s) applied"
+    )

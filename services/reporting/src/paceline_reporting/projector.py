@@ -62,12 +62,19 @@ async def _upsert_instances(conn: asyncpg.Connection, events: Sequence[InstanceC
             newest[key] = e
     rows = [
         (
-            e.instance.instance_id, e.instance.definition, e.instance.version,
-            e.instance.status.value, e.instance.started_by, e.instance.started_how,
-            e.instance.created_at, e.instance.started_at, e.instance.finished_at,
+            e.instance.instance_id,
+            e.instance.definition,
+            e.instance.version,
+            e.instance.status.value,
+            e.instance.started_by,
+            e.instance.started_how,
+            e.instance.created_at,
+            e.instance.started_at,
+            e.instance.finished_at,
             _duration_ms(e.instance.started_at, e.instance.finished_at),
             e.instance.error.kind if e.instance.error else None,
-            e.instance.error.message if e.instance.error else None, e.seq,
+            e.instance.error.message if e.instance.error else None,
+            e.seq,
         )
         for e in newest.values()
     ]
@@ -87,8 +94,7 @@ async def _upsert_instances(conn: asyncpg.Connection, events: Sequence[InstanceC
     )
 
 
-async def _upsert_activities(conn: asyncpg.Connection,
-                             events: Sequence[InstanceChanged]) -> None:
+async def _upsert_activities(conn: asyncpg.Connection, events: Sequence[InstanceChanged]) -> None:
     newest: dict[tuple[object, str], tuple[int, ActivitySnapshot]] = {}
     for e in events:
         for a in e.activities:
@@ -97,11 +103,22 @@ async def _upsert_activities(conn: asyncpg.Connection,
                 newest[key] = (e.seq, a)
     rows = []
     for (instance_id, step), (seq, a) in newest.items():
-        rows.append((
-            instance_id, step, a.activity_type, a.status.value, a.restartable, a.attempts,
-            a.server_id, a.started_at, a.finished_at, _duration_ms(a.started_at, a.finished_at),
-            a.error.kind if a.error else None, seq,
-        ))
+        rows.append(
+            (
+                instance_id,
+                step,
+                a.activity_type,
+                a.status.value,
+                a.restartable,
+                a.attempts,
+                a.server_id,
+                a.started_at,
+                a.finished_at,
+                _duration_ms(a.started_at, a.finished_at),
+                a.error.kind if a.error else None,
+                seq,
+            )
+        )
     if not rows:
         return
     await conn.executemany(

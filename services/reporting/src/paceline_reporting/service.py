@@ -16,8 +16,13 @@ from paceline_reporting.projector import Projector
 
 log = logging.getLogger(__name__)
 
-_DB_DOWN = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-            asyncpg.CannotConnectNowError, TimeoutError)
+_DB_DOWN = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    TimeoutError,
+)
 
 
 async def serve(settings: Settings, identity: ServerIdentity, stop: asyncio.Event) -> None:
@@ -29,8 +34,9 @@ async def serve(settings: Settings, identity: ServerIdentity, stop: asyncio.Even
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=1000)
         batcher = Batcher(max_size=500, window_s=0.02)
-        await batcher.consume(Queue.EVENTS,
-                              await amqp.open_queue(channel, settings.namespace, Queue.EVENTS))
+        await batcher.consume(
+            Queue.EVENTS, await amqp.open_queue(channel, settings.namespace, Queue.EVENTS)
+        )
         projector = Projector(pool, publisher)
         log.info("reporting %s ready", identity.id)
         stopping = asyncio.create_task(_stop_consuming_on(stop, batcher))
@@ -42,7 +48,7 @@ async def serve(settings: Settings, identity: ServerIdentity, stop: asyncio.Even
                 for d in batch:
                     try:
                         await d.message.nack(requeue=True)
-                    except Exception:  # noqa: BLE001 - a dead channel requeues them anyway
+                    except Exception:
                         log.debug("nack failed", exc_info=True)
                 await asyncio.sleep(1.0)
         await stopping

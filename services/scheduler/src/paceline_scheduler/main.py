@@ -32,7 +32,9 @@ def migrate() -> None:
     """Create the process database if needed and apply its migrations."""
     settings = SchedulerSettings()
     setup_logging("migrate", settings.log_level)
-    applied = asyncio.run(db.migrate(settings.database_url,
-                                     files("paceline_scheduler") / "migrations"))
-    typer.echo(f"process database {db.redact(settings.database_url)}: "
-               f"{len(applied)} migration(s) applied")
+    applied = asyncio.run(
+        db.migrate(settings.database_url, files("paceline_scheduler") / "migrations")
+    )
+    typer.echo(
+        f"process database {db.redact(settings.database_url)}: {len(applied)} migration(s) applied"
+    )

@@ -65,13 +65,24 @@ def to_event(message: Incoming) -> machine.Event:
     if isinstance(message, CancelInstance):
         return machine.Cancel(message.reason)
     if message.status is ActivityStatus.COMPLETED:
-        return machine.ActivityCompleted(message.step, message.attempt, message.output,
-                                         message.server_id, message.started_at,
-                                         message.finished_at)
+        return machine.ActivityCompleted(
+            message.step,
+            message.attempt,
+            message.output,
+            message.server_id,
+            message.started_at,
+            message.finished_at,
+        )
     error = message.error or ActivityError(kind="failed", message="no error given")
-    return machine.ActivityFailed(message.step, message.attempt, error, message.server_id,
-                                  message.started_at, message.finished_at,
-                                  timed_out=message.status is ActivityStatus.TIMED_OUT)
+    return machine.ActivityFailed(
+        message.step,
+        message.attempt,
+        error,
+        message.server_id,
+        message.started_at,
+        message.finished_at,
+        timed_out=message.status is ActivityStatus.TIMED_OUT,
+    )
 
 
 class Processor:
@@ -86,8 +97,13 @@ class Processor:
             return
         try:
             outcome = await self._commit(parsed)
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                asyncpg.CannotConnectNowError, TimeoutError):
+        except (
+            OSError,
+            asyncpg.PostgresConnectionError,
+            asyncpg.InterfaceError,
+            asyncpg.CannotConnectNowError,
+            TimeoutError,
+        ):
             raise  # the database is unreachable: the caller requeues and backs off
         except Exception:
             if len(parsed) == 1:
@@ -141,21 +157,30 @@ class Processor:
                 if row is None:
                     outcome.unknown.extend(items)
                     continue
-                self._apply(row, definitions[(row.definition, row.version)], items, now,
-                            outcome)
+                self._apply(row, definitions[(row.definition, row.version)], items, now, outcome)
             await store.save_states(conn, outcome.saved)
             await store.append_history(conn, outcome.history)
             await outbox.stage(conn, outcome.messages)
         return outcome
 
-    def _apply(self, row: store.InstanceRow, definition: Definition, items: list[_Parsed],
-               now: datetime, outcome: _Outcome) -> None:
+    def _apply(
+        self,
+        row: store.InstanceRow,
+        definition: Definition,
+        items: list[_Parsed],
+        now: datetime,
+        outcome: _Outcome,
+    ) -> None:
         parent = telemetry.extract(items[0].delivery.message.headers)
         kinds = ", ".join(sorted({p.message.type for p in items}))
         with telemetry.tracer().start_as_current_span(
-            f"apply {kinds}", context=parent, kind=trace.SpanKind.CONSUMER,
-            attributes={"paceline.instance_id": str(row.id), "messaging.batch.message_count":
-                        len(items)},
+            f"apply {kinds}",
+            context=parent,
+            kind=trace.SpanKind.CONSUMER,
+            attributes={
+                "paceline.instance_id": str(row.id),
+                "messaging.batch.message_count": len(items),
+            },
         ) as span:
             state = row.state
             decisions: list[machine.Decision] = []
@@ -169,8 +194,10 @@ class Processor:
                 any_change = any_change or transition.changed
                 outcome.history.extend((row.id, now, h) for h in transition.history)
                 for h in transition.history:
-                    span.add_event(h.kind.value, {"reason": h.reason, "step": h.step or "",
-                                                  "attempt": h.attempt or 0})
+                    span.add_event(
+                        h.kind.value,
+                        {"reason": h.reason, "step": h.step or "", "attempt": h.attempt or 0},
+                    )
             if not any_change:
                 return
             state.seq += 1
@@ -179,15 +206,24 @@ class Processor:
             headers = telemetry.inject()
             for d in decisions:
                 if isinstance(d, machine.Dispatch):
-                    task = ActivityTask(instance_id=row.id, step=d.step,
-                                        activity_type=d.activity_type, params=d.params,
-                                        attempt=d.attempt, restartable=d.restartable,
-                                        timeout_s=d.timeout_s)
-                    outcome.messages.append(outbox.OutboxMessage.of(
-                        Queue.ACTIVITIES, task, headers, not_before=d.not_before))
+                    task = ActivityTask(
+                        instance_id=row.id,
+                        step=d.step,
+                        activity_type=d.activity_type,
+                        params=d.params,
+                        attempt=d.attempt,
+                        restartable=d.restartable,
+                        timeout_s=d.timeout_s,
+                    )
+                    outcome.messages.append(
+                        outbox.OutboxMessage.of(
+                            Queue.ACTIVITIES, task, headers, not_before=d.not_before
+                        )
+                    )
             span.set_attribute("paceline.instance.status", state.status.value)
-            outcome.messages.append(outbox.OutboxMessage.of(
-                Queue.EVENTS, self._event(row, changed), headers))
+            outcome.messages.append(
+                outbox.OutboxMessage.of(Queue.EVENTS, self._event(row, changed), headers)
+            )
 
     @staticmethod
     def _event(row: store.InstanceRow, changed: set[str]) -> InstanceChanged:
@@ -195,17 +231,30 @@ class Processor:
         return InstanceChanged(
             seq=state.seq,
             instance=InstanceSnapshot(
-                instance_id=row.id, definition=row.definition, version=row.version,
-                status=state.status, started_by=row.started_by, started_how=row.started_how,
-                created_at=row.created_at, started_at=state.started_at,
-                finished_at=state.finished_at, error=state.error,
+                instance_id=row.id,
+                definition=row.definition,
+                version=row.version,
+                status=state.status,
+                started_by=row.started_by,
+                started_how=row.started_how,
+                created_at=row.created_at,
+                started_at=state.started_at,
+                finished_at=state.finished_at,
+                error=state.error,
             ),
             activities=tuple(
                 ActivitySnapshot(
-                    step=step, activity_type=a.type, status=a.status, restartable=a.restartable,
-                    attempts=a.attempt, server_id=a.server_id, started_at=a.started_at,
-                    finished_at=a.finished_at, error=a.error,
+                    step=step,
+                    activity_type=a.type,
+                    status=a.status,
+                    restartable=a.restartable,
+                    attempts=a.attempt,
+                    server_id=a.server_id,
+                    started_at=a.started_at,
+                    finished_at=a.finished_at,
+                    error=a.error,
                 )
-                for step, a in state.activities.items() if step in changed
+                for step, a in state.activities.items()
+                if step in changed
             ),
         )

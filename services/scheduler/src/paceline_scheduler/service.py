@@ -18,25 +18,30 @@ from paceline_scheduler.settings import SchedulerSettings
 
 log = logging.getLogger(__name__)
 
-_DB_DOWN = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-            asyncpg.CannotConnectNowError, TimeoutError)
+_DB_DOWN = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    TimeoutError,
+)
 
 
-async def serve(settings: SchedulerSettings, identity: ServerIdentity,
-                stop: asyncio.Event) -> None:
+async def serve(settings: SchedulerSettings, identity: ServerIdentity, stop: asyncio.Event) -> None:
     assert identity.kind is ServerKind.SCHEDULER
     provider = telemetry.setup_tracing(identity, settings)
     pool = await db.create_pool(settings.database_url, max_size=8)
     connection = await amqp.connect(settings, identity.id)
     try:
         publisher = await amqp.Publisher.open(connection, settings.namespace)
-        batcher = Batcher(max_size=settings.scheduler_batch_size,
-                          window_s=settings.scheduler_batch_window_ms / 1000)
+        batcher = Batcher(
+            max_size=settings.scheduler_batch_size,
+            window_s=settings.scheduler_batch_window_ms / 1000,
+        )
         for queue in (Queue.COMMANDS, Queue.RESULTS):
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=settings.scheduler_prefetch)
-            await batcher.consume(queue, await amqp.open_queue(channel, settings.namespace,
-                                                               queue))
+            await batcher.consume(queue, await amqp.open_queue(channel, settings.namespace, queue))
         processor = Processor(pool, publisher)
         relay = asyncio.create_task(Relay(pool, publisher).run(stop), name="outbox-relay")
         log.info("scheduler %s ready (namespace %s)", identity.id, settings.namespace)
@@ -45,12 +50,15 @@ async def serve(settings: SchedulerSettings, identity: ServerIdentity,
             try:
                 await processor.handle(batch)
             except _DB_DOWN as exc:
-                log.warning("scheduler: database unavailable (%s); requeueing %d deliveries",
-                            exc, len(batch))
+                log.warning(
+                    "scheduler: database unavailable (%s); requeueing %d deliveries",
+                    exc,
+                    len(batch),
+                )
                 for d in batch:
                     try:
                         await d.message.nack(requeue=True)
-                    except Exception:  # noqa: BLE001 - a dead channel requeues them anyway
+                    except Exception:
                         log.debug("nack failed", exc_info=True)
                 await asyncio.sleep(1.0)
         await stopping

@@ -38,8 +38,14 @@ async def lock_instances(conn: asyncpg.Connection, ids: Sequence[UUID]) -> dict[
     )
     return {
         r["id"]: InstanceRow(
-            r["id"], r["definition"], r["version"], InstanceState.model_validate(r["state"]),
-            r["traceparent"], r["started_by"], r["started_how"], r["created_at"],
+            r["id"],
+            r["definition"],
+            r["version"],
+            InstanceState.model_validate(r["state"]),
+            r["traceparent"],
+            r["started_by"],
+            r["started_how"],
+            r["created_at"],
         )
         for r in rows
     }
@@ -51,8 +57,9 @@ class DefinitionCache:
     def __init__(self) -> None:
         self._cache: dict[tuple[str, int], Definition] = {}
 
-    async def get_many(self, conn: asyncpg.Connection,
-                       keys: set[tuple[str, int]]) -> dict[tuple[str, int], Definition]:
+    async def get_many(
+        self, conn: asyncpg.Connection, keys: set[tuple[str, int]]
+    ) -> dict[tuple[str, int], Definition]:
         missing = [k for k in keys if k not in self._cache]
         if missing:
             rows = await conn.fetch(
@@ -61,7 +68,8 @@ class DefinitionCache:
                 JOIN unnest($1::text[], $2::int[]) AS k(name, version)
                   ON d.name = k.name AND d.version = k.version
                 """,
-                [k[0] for k in missing], [k[1] for k in missing],
+                [k[0] for k in missing],
+                [k[1] for k in missing],
             )
             for r in rows:
                 self._cache[(r["name"], r["version"])] = parse_definition(
@@ -85,8 +93,9 @@ async def save_states(conn: asyncpg.Connection, rows: Sequence[InstanceRow]) -> 
     )
 
 
-async def append_history(conn: asyncpg.Connection,
-                         entries: Sequence[tuple[UUID, datetime, HistoryEntry]]) -> None:
+async def append_history(
+    conn: asyncpg.Connection, entries: Sequence[tuple[UUID, datetime, HistoryEntry]]
+) -> None:
     if not entries:
         return
     data: list[Any] = [e.data for _, _, e in entries]

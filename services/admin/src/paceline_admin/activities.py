@@ -1,0 +1,47 @@
+"""The activities of an instance, from the engine's state document, for the API."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from paceline_admin.instance_models import ActivityView
+from paceline_engine.definitions import DefinitionError, parse_definition
+
+log = logging.getLogger(__name__)
+
+
+def step_order(definition_body: Any) -> dict[str, int]:
+    """Step id -> position in the definition, depth first. The state's `activities` object
+    comes back from jsonb with its keys re-sorted (jsonb keeps no insertion order), so the
+    dispatch order is gone; the definition's order is the stable one to show."""
+    try:
+        definition = parse_definition(definition_body)
+    except (DefinitionError, RecursionError):
+        log.warning("a stored definition no longer parses; activities shown unordered")
+        return {}
+    return {step.id: i for i, step in enumerate(definition.walk())}
+
+
+def activity_views(activities: Mapping[str, Any], definition_body: Any) -> list[ActivityView]:
+    order = step_order(definition_body)
+    steps = sorted(activities, key=lambda step: (order.get(step, len(order)), step))
+    return [_view(step, activities[step]) for step in steps]
+
+
+def _view(step: str, state: Mapping[str, Any]) -> ActivityView:
+    # Read as a tolerant reader: fields the engine may add later are ignored.
+    return ActivityView(
+        step=step,
+        type=state.get("type", ""),
+        status=state["status"],
+        restartable=bool(state.get("restartable", False)),
+        attempts=int(state.get("attempt", 0)),
+        server=state.get("server_id"),
+        started_at=state.get("started_at"),
+        finished_at=state.get("finished_at"),
+        output=state.get("output"),
+        error=state.get("error"),
+        reason=state.get("reason"),
+    )

@@ -1,0 +1,60 @@
+"""The FastAPI application: routes, error handling, and the resources its lifespan opens."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from paceline_admin import definitions, health, instances, problems
+from paceline_admin.auth import token_first
+from paceline_admin.body_limit import BodyLimit
+from paceline_admin.resources import open_resources
+from paceline_admin.settings import MAX_BODY_BYTES, AdminSettings
+from paceline_contracts.states import ServerKind
+from paceline_infra.identity import ServerIdentity
+
+DESCRIPTION = """\
+The Paceline admin API. Every /v1 request carries `Authorization: Bearer <token>`.
+Every error is `application/problem+json` (RFC 9457) with a `detail`, and `errors` listing
+each problem when there can be several. Bad input is a 4xx, never a 500: malformed JSON or
+YAML is 400, bodies over 1 MiB 413, invalid definitions, inputs and parameters 422, unknown
+definitions, definition versions and instances 404.
+"""
+
+
+def create_app(settings: AdminSettings, identity: ServerIdentity | None = None) -> FastAPI:
+    identity = identity or ServerIdentity(ServerKind.ADMIN)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with open_resources(settings, identity) as resources:
+            app.state.resources = resources
+            yield
+
+    app = FastAPI(
+        title="Paceline admin API",
+        version="1",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.identity = identity
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    problems.install(app, on_validation=token_first(problems.on_validation_error))
+    app.include_router(health.router)
+    app.include_router(definitions.router)
+    app.include_router(instances.router)
+
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = problems.fix_openapi_media_types(default_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

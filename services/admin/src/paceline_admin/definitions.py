@@ -1,0 +1,165 @@
+"""Routes for process definitions: create (a new version each time), list and read."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Request, Response
+from pydantic import BaseModel, Field
+
+from paceline_admin import definition_store as store
+from paceline_admin.auth import require_token
+from paceline_admin.documents import as_json_document, parse_body
+from paceline_admin.paging import Cursor, Limit, decode_cursor, encode_cursor
+from paceline_admin.params import MAX_VERSION, Text
+from paceline_admin.problems import ApiError, ProblemItem, problem_responses, summarize
+from paceline_admin.resources import Db
+from paceline_engine.definitions import DefinitionError, parse_definition
+
+NameParam = Annotated[str, Path(description="The definition's name."), Text]
+VersionParam = Annotated[int, Path(ge=1, le=MAX_VERSION)]
+
+router = APIRouter(
+    prefix="/v1/definitions",
+    tags=["definitions"],
+    dependencies=[Depends(require_token)],
+    responses=problem_responses(401, 422, 500),
+)
+
+
+class DefinitionVersion(BaseModel):
+    """One immutable version of a definition."""
+
+    version: int = Field(description="1 for the first, then one more for each create.")
+    created_at: datetime
+    definition: dict[str, Any] = Field(description="The definition as it was sent (as JSON).")
+
+
+class CreatedDefinition(BaseModel):
+    """One version of a definition, with its name (what a create stored)."""
+
+    name: str
+    version: int
+    created_at: datetime
+    definition: dict[str, Any] = Field(description="The definition as it was sent (as JSON).")
+
+
+class DefinitionSummary(BaseModel):
+    """The latest version of one definition."""
+
+    name: str
+    version: int = Field(description="The latest version.")
+    created_at: datetime = Field(description="When the latest version was created.")
+    versions: int = Field(description="How many versions exist.")
+
+
+class DefinitionPage(BaseModel):
+    items: list[DefinitionSummary] = Field(description="By name.")
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last one."
+    )
+
+
+class DefinitionDetail(BaseModel):
+    name: str
+    latest: int = Field(description="The latest version number.")
+    versions: list[DefinitionVersion] = Field(description="Every version, oldest first.")
+
+
+def _invalid(items: list[ProblemItem]) -> ApiError:
+    return ApiError(
+        422,
+        summarize(items, "the definition"),
+        kind="invalid-definition",
+        title="Invalid definition",
+        errors=items,
+    )
+
+
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "description": "A process definition (CONTRACT.md) as JSON, or YAML of the same shape "
+        "with `Content-Type: application/yaml` (or text/yaml).",
+        "content": {
+            "application/json": {"schema": {"type": "object", "required": ["name", "steps"]}},
+            "application/yaml": {"schema": {"type": "string"}},
+        },
+    }
+}
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=CreatedDefinition,
+    responses=problem_responses(400, 413, 415),
+    openapi_extra=_BODY_DOC,
+)
+async def create_definition(request: Request, response: Response, pool: Db) -> dict[str, Any]:
+    """Validate and store a definition as the next version of its name. An invalid one is
+    refused with 422 and every problem found in `errors`."""
+    raw = await parse_body(await request.body(), request.headers.get("content-type"))
+    document, problems = as_json_document(raw)
+    if problems:
+        raise _invalid(problems)
+    try:
+        parse_definition(document)
+    except DefinitionError as exc:
+        raise _invalid(
+            [ProblemItem(path=p.path or "body", message=p.message) for p in exc.problems]
+        ) from exc
+    except RecursionError as exc:
+        raise _invalid([ProblemItem(path="steps", message="nested too deeply")]) from exc
+    row = await store.insert_next_version(pool, document["name"], document)
+    response.headers["Location"] = f"/v1/definitions/{row['name']}/versions/{row['version']}"
+    return {
+        "name": row["name"],
+        "version": row["version"],
+        "created_at": row["created_at"],
+        "definition": row["body"],
+    }
+
+
+@router.get("", response_model=DefinitionPage)
+async def list_definitions(pool: Db, limit: Limit = 50, cursor: Cursor = None) -> DefinitionPage:
+    """The latest version of every definition, by name."""
+    after = decode_cursor(cursor, 1)[0] if cursor else None
+    rows = await store.latest_page(pool, after, limit + 1)
+    items = [DefinitionSummary(**dict(r)) for r in rows[:limit]]
+    next_cursor = encode_cursor([items[-1].name]) if len(rows) > limit else None
+    return DefinitionPage(items=items, next_cursor=next_cursor)
+
+
+def _not_found(name: str, version: int | None = None) -> ApiError:
+    what = f"definition {name!r}" + (f" has no version {version}" if version else " does not exist")
+    return ApiError(404, what, kind="not-found")
+
+
+@router.get("/{name}", response_model=DefinitionDetail, responses=problem_responses(404))
+async def get_definition(name: NameParam, pool: Db) -> DefinitionDetail:
+    """A definition with all its versions."""
+    rows = await store.all_versions(pool, name)
+    if not rows:
+        raise _not_found(name)
+    versions = [
+        DefinitionVersion(version=r["version"], created_at=r["created_at"], definition=r["body"])
+        for r in rows
+    ]
+    return DefinitionDetail(name=name, latest=versions[-1].version, versions=versions)
+
+
+@router.get(
+    "/{name}/versions/{version}", response_model=CreatedDefinition, responses=problem_responses(404)
+)
+async def get_definition_version(
+    name: NameParam, version: VersionParam, pool: Db
+) -> CreatedDefinition:
+    """One version of a definition."""
+    row = await store.one_version(pool, name, version)
+    if row is None:
+        raise _not_found(name, version)
+    return CreatedDefinition(
+        name=name, version=row["version"], created_at=row["created_at"], definition=row["body"]
+    )

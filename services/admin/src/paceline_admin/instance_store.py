@@ -1,0 +1,128 @@
+"""SQL for instances and their history. The admin API only inserts PENDING instances; every
+later change is the scheduler's."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+_SUMMARY = """
+    i.id, i.definition, i.version, i.status, i.trace_id, i.started_by, i.started_how,
+    i.created_at, (i.state->>'started_at')::timestamptz AS started_at,
+    (i.state->>'finished_at')::timestamptz AS finished_at
+"""
+
+_DETAIL = f"""
+    SELECT {_SUMMARY}, i.state, d.body AS definition_body
+    FROM instances i
+    JOIN definitions d ON d.name = i.definition AND d.version = i.version
+    WHERE i.id = $1
+"""  # noqa: S608 (constants only)
+
+
+async def insert_pending(
+    conn: asyncpg.Connection,
+    *,
+    instance_id: UUID,
+    definition: str,
+    version: int,
+    state: dict[str, Any],
+    trace_id: str | None,
+    traceparent: str | None,
+    started_by: str,
+    idempotency_key: str | None,
+    request_hash: str | None,
+) -> asyncpg.Record | None:
+    """The new row, or None when another request already used `idempotency_key` (it waits
+    for that request's transaction, so two concurrent retries never make two instances)."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        """
+        INSERT INTO instances (id, definition, version, status, state, trace_id, traceparent,
+                               started_by, started_how, idempotency_key, request_hash)
+        VALUES ($1, $2, $3, 'PENDING', $4::jsonb, $5, $6, $7, 'api', $8, $9)
+        ON CONFLICT (idempotency_key) DO NOTHING
+        RETURNING id, status, definition, version, trace_id
+        """,
+        instance_id,
+        definition,
+        version,
+        state,
+        trace_id,
+        traceparent,
+        started_by,
+        idempotency_key,
+        request_hash,
+    )
+    return row
+
+
+async def by_idempotency_key(pool: asyncpg.Pool, key: str) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await pool.fetchrow(
+        "SELECT id, status, definition, version, trace_id, request_hash FROM instances"
+        " WHERE idempotency_key = $1",
+        key,
+    )
+    return row
+
+
+async def detail(pool: asyncpg.Pool, instance_id: UUID) -> asyncpg.Record | None:
+    """The instance with its state document and its definition (for the step order)."""
+    row: asyncpg.Record | None = await pool.fetchrow(_DETAIL, instance_id)
+    return row
+
+
+async def page(
+    pool: asyncpg.Pool,
+    *,
+    statuses: Sequence[str],
+    definition: str | None,
+    after: tuple[datetime, UUID] | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """Newest first. The order (created_at DESC, id ASC) is the one the indexes have."""
+    where: list[str] = []
+    args: list[Any] = []
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    if statuses:
+        where.append(f"i.status = ANY({arg(list(statuses))}::text[])")
+    if definition is not None:
+        where.append(f"i.definition = {arg(definition)}")
+    if after is not None:
+        at, last_id = arg(after[0]), arg(after[1])
+        where.append(f"(i.created_at < {at} OR (i.created_at = {at} AND i.id > {last_id}))")
+    # Only placeholders are interpolated; every value travels as a parameter.
+    sql = (
+        f"SELECT {_SUMMARY} FROM instances i"  # noqa: S608 (placeholders only)
+        f"{' WHERE ' + ' AND '.join(where) if where else ''}"
+        f" ORDER BY i.created_at DESC, i.id ASC LIMIT {arg(limit)}"
+    )
+    rows: list[asyncpg.Record] = await pool.fetch(sql, *args)
+    return rows
+
+
+async def current_status(pool: asyncpg.Pool, instance_id: UUID) -> str | None:
+    status: str | None = await pool.fetchval(
+        "SELECT status FROM instances WHERE id = $1", instance_id
+    )
+    return status
+
+
+async def history(pool: asyncpg.Pool, instance_id: UUID) -> list[asyncpg.Record] | None:
+    """Every event in order, or None when there is no such instance."""
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        if not await conn.fetchval("SELECT 1 FROM instances WHERE id = $1", instance_id):
+            return None
+        rows: list[asyncpg.Record] = await conn.fetch(
+            "SELECT id, at, kind, step, attempt, reason, data FROM history"
+            " WHERE instance_id = $1 ORDER BY id",
+            instance_id,
+        )
+        return rows

@@ -1,0 +1,43 @@
+"""When the broker or the database goes away: readiness says so, and nothing is lost."""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+import httpx
+from admin_support import AUTH, assert_problem, create_definition, unique
+
+from paceline_admin.app import create_app
+from paceline_admin.settings import AdminSettings
+
+
+async def test_without_the_broker_starts_wait_in_the_outbox_and_cancels_are_503(
+    settings: AdminSettings, client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    name = unique("degraded")
+    await create_definition(client, name)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://admin", headers=AUTH
+        ) as own:
+            await app.state.resources.connection.close()
+
+            assert_problem(await own.get("/readyz"), 503)
+            started = await own.post(
+                "/v1/instances", json={"definition": name, "inputs": {"host": "h"}}
+            )
+            assert started.status_code == 202, started.text
+            instance_id = uuid.UUID(started.json()["id"])
+            # The command is committed with the instance; the outbox relay sends it later.
+            bodies = await pool.fetch("SELECT body FROM outbox")
+            assert [str(instance_id) in bytes(b["body"]).decode() for b in bodies] == [True]
+            await pool.execute("DELETE FROM outbox")
+
+            problem = assert_problem(await own.post(f"/v1/instances/{instance_id}/cancel"), 503)
+            assert "broker" in problem["detail"]
+
+            await app.state.resources.pool.close()
+            assert "database" in assert_problem(await own.get("/readyz"), 503)["detail"]
