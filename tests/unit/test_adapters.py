@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from paceline_worker.adapters import HTTP_BODY_CAP, ActivityFailure, run_activity
 
 # --- a real HTTP server -----------------------------------------------------------------------

@@ -396,6 +396,14 @@ def test_a_good_retry_is_parsed(retry: Any, expected: RetryPolicy) -> None:
     assert d.activity("a").retry == expected
 
 
+@pytest.mark.parametrize("backoff", [0, "0s", "0ms"])
+def test_a_zero_backoff_is_allowed(backoff: Any) -> None:
+    d = parse_definition(
+        definition({"id": "a", "type": "noop", "retry": {"max_attempts": 3, "backoff": backoff}})
+    )
+    assert d.activity("a").retry == RetryPolicy(3, 0.0)
+
+
 def test_a_bad_restartable_is_reported() -> None:
     raw = definition({"id": "a", "type": "noop", "restartable": "yes"})
     assert paths_of(raw) == ["steps[0].restartable"]
@@ -474,28 +482,10 @@ def test_a_bad_input_declaration_is_reported(inputs: Any, path: str) -> None:
     ],
 )
 def test_bad_params_for_a_type_are_reported(step: dict[str, Any], field: str) -> None:
+    """The path names the parameter itself; the message is pydantic's, about that value."""
     problems = problems_of(definition(step))
-    assert len(problems) == 1, problems
-    assert problems[0].path.startswith(f"steps[0].with.{field}")
-    assert field in problems[0].message
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="param problems get the message glued into their path: "
-    "Problem(path='steps[0].with.seconds: Field required', ...) instead of "
-    "path='steps[0].with.seconds' (definitions.py, _Parser.activity, f'{path}.with.{p}')",
-)
-@pytest.mark.parametrize(
-    ("step", "field"),
-    [
-        ({"id": "s", "type": "sleep", "with": {}}, "seconds"),
-        ({"id": "s", "type": "http.request", "with": {"url": "ftp://x/y"}}, "url"),
-        ({"id": "s", "type": "shell.command", "with": {}}, "argv"),
-    ],
-)
-def test_a_param_problem_path_is_the_path_of_the_param(step: dict[str, Any], field: str) -> None:
-    assert paths_of(definition(step)) == [f"steps[0].with.{field}"]
+    assert [p.path for p in problems] == [f"steps[0].with.{field}"]
+    assert problems[0].message
 
 
 @pytest.mark.parametrize(
@@ -565,7 +555,7 @@ def test_several_problems_are_all_reported_at_once() -> None:
     ]
     for path in expected:
         assert path in paths, (path, paths)
-    assert any(p.startswith("steps[2].with.seconds") for p in paths), paths
+    assert "steps[2].with.seconds" in paths
     assert len(paths) == len(expected) + 1, paths
 
 
@@ -704,11 +694,6 @@ def test_parse_duration_refuses(value: Any) -> None:
         parse_duration(value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="parse_duration accepts NaN (e.g. YAML '.nan'): it returns nan, and a step's "
-    "timeout becomes nan (`nan <= 0` is false, so the parser's check passes)",
-)
 def test_parse_duration_refuses_nan() -> None:
     with pytest.raises(ValueError):
         parse_duration(math.nan)
@@ -725,12 +710,6 @@ def test_a_step_timeout_is_parsed_into_seconds(timeout: Any, seconds: float) -> 
     assert dispatch.timeout_s == seconds
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a retry backoff the parser accepts makes apply() raise on the first failure: "
-    "now + timedelta(seconds=backoff) overflows (OverflowError for '1000000000h' or inf, "
-    "ValueError for nan) in _Apply.failed; the parser should refuse it or apply should cope",
-)
 @pytest.mark.parametrize("backoff", ["1000000000h", math.inf, math.nan])
 def test_an_accepted_backoff_never_breaks_apply(backoff: Any) -> None:
     raw = definition({"id": "a", "type": "noop", "retry": {"max_attempts": 2, "backoff": backoff}})

@@ -50,7 +50,34 @@ class CancelInstance(Message):
     reason: str = "cancelled by an operator"
 
 
-Command = Annotated[StartInstance | CancelInstance, Field(discriminator="type")]
+class ResolveActivity(Message):
+    """An operator's decision on a flagged activity."""
+
+    type: Literal["activity.resolve"] = "activity.resolve"
+    v: Literal[1] = 1
+    instance_id: UUID
+    step: str
+    action: Literal["retry", "skip", "fail"]
+    """retry: a new attempt; skip: completed with `output`; fail: the instance fails."""
+    output: Any = None
+    """The output a skipped activity is recorded with."""
+    by: str = "operator"
+    """Who decided, for the history."""
+
+
+class CheckDeadline(Message):
+    """A timer the scheduler set for itself: the attempt must have ended by now."""
+
+    type: Literal["activity.deadline"] = "activity.deadline"
+    v: Literal[1] = 1
+    instance_id: UUID
+    step: str
+    attempt: int
+
+
+Command = Annotated[
+    StartInstance | CancelInstance | ResolveActivity | CheckDeadline, Field(discriminator="type")
+]
 COMMAND = TypeAdapter[Command](Command)
 
 
@@ -100,8 +127,57 @@ class ActivityResult(Message):
     finished_at: datetime
 
 
-Result = Annotated[ActivityResult, Field(discriminator="type")]
+class ActivityQuarantined(Message):
+    """A worker refused a delivery that had already taken its workers down too often."""
+
+    type: Literal["activity.quarantined"] = "activity.quarantined"
+    v: Literal[1] = 1
+    instance_id: UUID
+    step: str
+    attempt: int
+    deliveries: int
+    """How many times the broker delivered it, this time included."""
+    server_id: str
+
+
+Result = Annotated[ActivityResult | ActivityQuarantined, Field(discriminator="type")]
 RESULT = TypeAdapter[Result](Result)
+
+
+# --- claims: worker -> scheduler, and the reply -----------------------------------------------
+
+
+class ClaimAttempt(Message):
+    """A worker is about to run an attempt. For non-restartable work, and for any redelivery,
+    it waits for the reply before doing anything; otherwise it is a notice that the attempt
+    started, so the scheduler knows who held it."""
+
+    type: Literal["activity.claim"] = "activity.claim"
+    v: Literal[1] = 1
+    instance_id: UUID
+    step: str
+    attempt: int
+    """The attempt in the activity message."""
+    server_id: str
+    at: datetime
+    redelivered: bool
+    """The broker delivered this message before (to this or another consumer)."""
+    delivery_count: int = 0
+    """The quorum queue's `x-delivery-count`: earlier deliveries that were not acked."""
+    wants_reply: bool = True
+
+
+class ClaimReply(Message):
+    type: Literal["activity.claim_reply"] = "activity.claim_reply"
+    v: Literal[1] = 1
+    granted: bool
+    attempt: int
+    """The attempt to run under: a redelivered restartable activity gets a new one."""
+    reason: str
+
+
+CLAIM = TypeAdapter[ClaimAttempt](ClaimAttempt)
+CLAIM_REPLY = TypeAdapter[ClaimReply](ClaimReply)
 
 
 # --- events: scheduler -> reporting ------------------------------------------------------------

@@ -14,6 +14,8 @@ class Queue(StrEnum):
     """Commands (start, cancel) from the admin API to the scheduler."""
     EVENTS = "events"
     """Instance events from the scheduler to reporting."""
+    CLAIMS = "claims"
+    """Start claims from the workers to the scheduler; replies go to each worker's own queue."""
 
 
 def exchange_name(namespace: str) -> str:
@@ -31,3 +33,8 @@ def queue_name(namespace: str, queue: Queue) -> str:
 
 def dead_queue_name(namespace: str, queue: Queue) -> str:
     return f"{namespace}.{queue.value}.dead"
+
+
+def reply_queue_name(namespace: str, server_id: str) -> str:
+    """A worker's own queue for claim replies: exclusive, gone with its connection."""
+    return f"{namespace}.reply.{server_id}"

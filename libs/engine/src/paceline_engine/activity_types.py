@@ -94,9 +94,7 @@ ACTIVITY_TYPES: Mapping[str, ActivityType] = {
 }
 
 
-def param_problems(
-    activity_type: ActivityType, raw: Mapping[str, Any]
-) -> list[tuple[str, str]]:
+def param_problems(activity_type: ActivityType, raw: Mapping[str, Any]) -> list[tuple[str, str]]:
     """Problems with a step's `with` that are visible before expressions are rendered.
 
     A field whose value holds a `${...}` is only checked for being a known field name.

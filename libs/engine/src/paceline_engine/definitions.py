@@ -6,6 +6,7 @@ an author fixes a definition in one round trip instead of one error at a time.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ INPUT_TYPES: tuple[str, ...] = ("string", "integer", "number", "boolean", "objec
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 _STEP_ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
+MAX_DURATION_S = 30 * 86_400
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
@@ -133,8 +135,10 @@ def parse_duration(value: Any) -> float:
         seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
     else:
         raise ValueError(f"{value!r} is not a duration (like '30s', '500ms', '5m', '1h')")
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError("a duration is a finite number of seconds, not negative")
+    if seconds > MAX_DURATION_S:
+        raise ValueError("a duration is at most 30 days")
     return seconds
 
 
@@ -366,7 +370,9 @@ class _Parser:
                 elif len(ref) >= 3 and ref[2] != "output":
                     self.problem(path, f"{text}: a step exposes only 'output'")
 
-    def duration(self, raw: Mapping[str, Any], key: str, path: str) -> float | None:
+    def duration(
+        self, raw: Mapping[str, Any], key: str, path: str, *, zero_ok: bool = False
+    ) -> float | None:
         if raw.get(key) is None:
             return None
         try:
@@ -374,7 +380,7 @@ class _Parser:
         except ValueError as exc:
             self.problem(f"{path}.{key}", str(exc))
             return None
-        if seconds <= 0:
+        if seconds == 0 and not zero_ok:
             self.problem(f"{path}.{key}", "must be more than zero")
         return seconds
 
@@ -390,7 +396,7 @@ class _Parser:
         if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 100:
             self.problem(f"{path}.max_attempts", "a whole number from 1 to 100")
             attempts = 1
-        backoff = self.duration(raw, "backoff", path) or 0.0
+        backoff = self.duration(raw, "backoff", path, zero_ok=True) or 0.0
         return RetryPolicy(max_attempts=attempts, backoff_s=backoff)
 
 
