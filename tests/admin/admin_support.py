@@ -5,11 +5,16 @@ from __future__ import annotations
 import asyncio
 import secrets
 import uuid
+from datetime import datetime, timedelta
 from typing import Any
 
+import asyncpg
 import httpx
 import orjson
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+
+from paceline_contracts.states import ActivityStatus, InstanceStatus
+from paceline_engine.state import ActivityState, Flag, InstanceState
 
 TOKEN = "test-token-" + secrets.token_hex(16)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -62,3 +67,62 @@ def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
     assert problem["status"] == status
     assert problem["title"] and problem["detail"] and problem["type"]
     return problem
+
+
+def flagged(
+    at: datetime,
+    *,
+    server: str = "worker-1",
+    attempt: int = 1,
+    kind: str = "redelivered",
+    activity_type: str = "noop",
+) -> ActivityState:
+    """A non-restartable activity whose attempt `server` held when it went down."""
+    since = at - timedelta(seconds=30)
+    reason = f"attempt {attempt} held by {server} since {since.isoformat()} was redelivered"
+    return ActivityState(
+        type=activity_type,
+        status=ActivityStatus.INTERRUPTED,
+        attempt=attempt,
+        restartable=False,
+        server_id=server,
+        started_at=since,
+        reason=reason,
+        claimed_by=server,
+        claimed_at=since,
+        interruptions=1,
+        flag=Flag(
+            kind=kind,
+            reason=reason,
+            attempt=attempt,
+            server_id=server,
+            held_since=since,
+            flagged_at=at,
+        ),
+    )
+
+
+def done(status: ActivityStatus = ActivityStatus.COMPLETED) -> ActivityState:
+    return ActivityState(type="noop", status=status, attempt=1, restartable=True, output={})
+
+
+async def insert_instance(
+    pool: asyncpg.Pool,
+    definition: str,
+    activities: dict[str, ActivityState],
+    status: InstanceStatus = InstanceStatus.FLAGGED,
+) -> tuple[str, str]:
+    """An instance row as the scheduler would have written it; its id and trace id."""
+    instance_id, trace_id = uuid.uuid4(), secrets.token_hex(16)
+    state = InstanceState(status=status, activities=activities)
+    await pool.execute(
+        "INSERT INTO instances (id, definition, version, status, state, trace_id, traceparent,"
+        " started_by, started_how) VALUES ($1, $2, 1, $3, $4::jsonb, $5, $6, 'tests', 'api')",
+        instance_id,
+        definition,
+        status.value,
+        state.model_dump(mode="json"),
+        trace_id,
+        f"00-{trace_id}-{secrets.token_hex(8)}-01",
+    )
+    return str(instance_id), trace_id

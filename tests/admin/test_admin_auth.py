@@ -20,6 +20,8 @@ V1_ROUTES = [
     ("GET", f"/v1/instances/{SOME_ID}"),
     ("POST", f"/v1/instances/{SOME_ID}/cancel"),
     ("GET", f"/v1/instances/{SOME_ID}/history"),
+    ("POST", f"/v1/instances/{SOME_ID}/activities/some-step/resolve"),
+    ("GET", "/v1/flags"),
 ]
 WRONG_CREDENTIALS = [
     None,
@@ -44,7 +46,8 @@ def test_the_route_table_covers_every_v1_route(app: FastAPI) -> None:
             method,
             path.replace("some-name", "{name}")
             .replace("/versions/1", "/versions/{version}")
-            .replace(str(SOME_ID), "{instance_id}"),
+            .replace(str(SOME_ID), "{instance_id}")
+            .replace("some-step", "{step}"),
         )
         for method, path in V1_ROUTES
     }
@@ -56,7 +59,8 @@ def test_the_route_table_covers_every_v1_route(app: FastAPI) -> None:
 async def test_v1_routes_refuse_a_missing_or_wrong_token(
     anon: httpx.AsyncClient, method: str, path: str, authorization: str | bytes | None
 ) -> None:
-    headers = {} if authorization is None else {"Authorization": authorization}
+    raw = authorization.encode() if isinstance(authorization, str) else authorization
+    headers = {} if raw is None else {b"Authorization": raw}
     response = await anon.request(method, path, headers=headers, json={"name": "x"})
     problem = assert_problem(response, 401)
     assert response.headers["www-authenticate"] == "Bearer"

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 
 import asyncpg
 import httpx
-from admin_support import AUTH, assert_problem, create_definition, unique
+from admin_support import (
+    AUTH,
+    assert_problem,
+    create_definition,
+    flagged,
+    insert_instance,
+    unique,
+)
 
 from paceline_admin.app import create_app
 from paceline_admin.settings import AdminSettings
 
 
-async def test_without_the_broker_starts_wait_in_the_outbox_and_cancels_are_503(
+async def test_without_the_broker_starts_wait_in_the_outbox_and_commands_are_503(
     settings: AdminSettings, client: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:
     name = unique("degraded")
@@ -38,6 +46,11 @@ async def test_without_the_broker_starts_wait_in_the_outbox_and_cancels_are_503(
 
             problem = assert_problem(await own.post(f"/v1/instances/{instance_id}/cancel"), 503)
             assert "broker" in problem["detail"]
+            flagged_id, _ = await insert_instance(pool, name, {"first": flagged(datetime.now(UTC))})
+            resolve = await own.post(
+                f"/v1/instances/{flagged_id}/activities/first/resolve", json={"action": "retry"}
+            )
+            assert "resolve" in assert_problem(resolve, 503)["detail"]
 
             await app.state.resources.pool.close()
             assert "database" in assert_problem(await own.get("/readyz"), 503)["detail"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import httpx
 import pytest
 from admin_support import assert_problem, create_definition, unique
@@ -34,7 +36,14 @@ GARBAGE: list[tuple[bytes, dict[str, str]]] = [
 
 
 @pytest.mark.parametrize(("body", "headers"), GARBAGE)
-@pytest.mark.parametrize("path", ["/v1/definitions", "/v1/instances"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/definitions",
+        "/v1/instances",
+        "/v1/instances/00000000-0000-4000-8000-000000000000/activities/a/resolve",
+    ],
+)
 async def test_garbage_bodies_get_a_4xx_problem(
     client: httpx.AsyncClient, path: str, body: bytes, headers: dict[str, str]
 ) -> None:
@@ -61,10 +70,10 @@ async def test_inputs_that_cannot_be_stored_are_422(client: httpx.AsyncClient) -
 
 async def test_bodies_over_one_mebibyte_are_413(client: httpx.AsyncClient) -> None:
     big = b'{"name": "' + b"x" * (1024 * 1024) + b'"}'
-    for path in ("/v1/definitions", "/v1/instances"):
+    for path in ("/v1/definitions", "/v1/instances", "/v1/instances/x/activities/a/resolve"):
         assert_problem(await client.post(path, content=big, headers=JSON), 413)
 
-    async def chunks():  # no Content-Length: counted as it arrives
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
         for _ in range(20):
             yield b" " * 65536
 

@@ -1,133 +1,77 @@
 """The process engine: a pure state machine.
 
-`apply(definition, state, event, now)` returns the next state, the decisions the scheduler must
-carry out (dispatch an activity, end the instance) and the history entries that explain them. It
-does no I/O and reads no clock, so every interleaving of events can be replayed and tested.
+`apply(definition, state, event, now, policy)` returns the next state, the decisions the
+scheduler must carry out and the history entries that explain them. It does no I/O and reads
+no clock, so any interleaving of results, claims and crashes can be replayed and tested.
 
 Progress is computed by walking the definition against the state: a sequence runs its first
 unfinished step; a condition takes the branch it chose once; a parallel step advances every
-branch and joins when all are done. Walking again after any event is idempotent: an activity
-already dispatched is never dispatched again unless a new attempt is decided.
+branch and joins when all are done. Walking again after any event is idempotent.
+
+The failover rule (DESIGN.md, "The rule, precisely") lives in `claim`: a worker claims an
+attempt before running it. An attempt another server claimed and the broker then redelivered
+is restarted as a new attempt when restartable, and flagged for an operator when not.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from enum import Enum, StrEnum
+from enum import Enum
 from typing import Any
 
 from paceline_contracts.messages import ActivityError
 from paceline_contracts.states import ActivityStatus, InstanceStatus
 from paceline_engine.activity_types import ACTIVITY_TYPES
-from paceline_engine.definitions import (
-    ActivityStep,
-    ConditionStep,
-    Definition,
-    Step,
+from paceline_engine.definitions import ActivityStep, ConditionStep, Definition, Step
+from paceline_engine.events import (
+    ActivityCompleted,
+    ActivityFailed,
+    AnswerClaim,
+    Cancel,
+    Claim,
+    DeadlineExpired,
+    Decision,
+    Dispatch,
+    Event,
+    Finish,
+    HistoryEntry,
+    HistoryKind,
+    Policy,
+    Quarantined,
+    Resolve,
+    SetDeadline,
+    Start,
 )
 from paceline_engine.expressions import EvaluationError
-from paceline_engine.state import ActivityState, InstanceState
+from paceline_engine.state import ActivityState, Flag, InstanceState
 
-# --- events ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Start:
-    """The instance was accepted; its inputs are already resolved."""
+_DONE = (ActivityStatus.COMPLETED, ActivityStatus.SKIPPED)
+_DEFAULT_POLICY = Policy()
 
 
-@dataclass(frozen=True, slots=True)
-class ActivityCompleted:
-    step: str
-    attempt: int
-    output: Any
-    server_id: str
-    started_at: datetime
-    finished_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class ActivityFailed:
-    step: str
-    attempt: int
-    error: ActivityError
-    server_id: str
-    started_at: datetime
-    finished_at: datetime
-    timed_out: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Cancel:
-    reason: str
-
-
-Event = Start | ActivityCompleted | ActivityFailed | Cancel
-
-# --- decisions ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Dispatch:
-    """Send one attempt of an activity to the workers, not before `not_before`."""
-
-    step: str
-    activity_type: str
-    params: dict[str, Any]
-    attempt: int
-    restartable: bool
-    timeout_s: float | None
-    not_before: datetime | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Finish:
-    """The instance reached a final status."""
-
-    status: InstanceStatus
-
-
-Decision = Dispatch | Finish
-
-
-class HistoryKind(StrEnum):
-    STARTED = "started"
-    DISPATCHED = "dispatched"
-    COMPLETED = "activity_completed"
-    FAILED = "activity_failed"
-    RETRY = "retry_scheduled"
-    BRANCH = "branch_taken"
-    LATE_RESULT = "late_result"
-    IGNORED = "ignored"
-    INSTANCE_COMPLETED = "instance_completed"
-    INSTANCE_FAILED = "instance_failed"
-    INSTANCE_CANCELLED = "instance_cancelled"
-
-
-@dataclass(frozen=True, slots=True)
-class HistoryEntry:
-    kind: HistoryKind
-    reason: str
-    step: str | None = None
-    attempt: int | None = None
-    data: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
 class Transition:
-    state: InstanceState
-    decisions: list[Decision]
-    history: list[HistoryEntry]
-    changed_steps: frozenset[str]
-    """Activities whose state this transition changed."""
+    __slots__ = ("changed_steps", "decisions", "history", "state")
+
+    def __init__(
+        self,
+        state: InstanceState,
+        decisions: list[Decision],
+        history: list[HistoryEntry],
+        changed_steps: frozenset[str],
+    ) -> None:
+        self.state = state
+        self.decisions = decisions
+        self.history = history
+        self.changed_steps = changed_steps
+        """Activities whose state this transition changed."""
 
     @property
     def changed(self) -> bool:
-        return bool(self.decisions or self.changed_steps or self.history)
-
-
-# --- the machine -------------------------------------------------------------------------------
+        return bool(
+            self.changed_steps
+            or self.history
+            or any(not isinstance(d, AnswerClaim) for d in self.decisions)
+        )
 
 
 class _Walk(Enum):
@@ -137,10 +81,13 @@ class _Walk(Enum):
 
 
 class _Apply:
-    def __init__(self, definition: Definition, state: InstanceState, now: datetime) -> None:
+    def __init__(
+        self, definition: Definition, state: InstanceState, now: datetime, policy: Policy
+    ) -> None:
         self.definition = definition
         self.state = state.model_copy(deep=True)
         self.now = now
+        self.policy = policy
         self.decisions: list[Decision] = []
         self.history: list[HistoryEntry] = []
         self.changed: set[str] = set()
@@ -159,7 +106,7 @@ class _Apply:
     def result(self) -> Transition:
         return Transition(self.state, self.decisions, self.history, frozenset(self.changed))
 
-    # events
+    # --- events --------------------------------------------------------------------------------
 
     def start(self) -> None:
         if self.state.status is not InstanceStatus.PENDING:
@@ -171,9 +118,10 @@ class _Apply:
         self.advance()
 
     def completed(self, event: ActivityCompleted) -> None:
-        activity = self.current(event.step, event.attempt, "completed")
+        activity = self.current(event.step, event.attempt, "completed", event.server_id)
         if activity is None:
             return
+        self.unflag(activity, event.step, event.attempt, event.server_id, "completed")
         activity.status = ActivityStatus.COMPLETED
         activity.output = event.output
         activity.error = None
@@ -188,31 +136,220 @@ class _Apply:
         self.advance()
 
     def failed(self, event: ActivityFailed) -> None:
-        activity = self.current(event.step, event.attempt, "failed")
+        activity = self.current(event.step, event.attempt, "failed", event.server_id)
         if activity is None:
             return
+        self.unflag(activity, event.step, event.attempt, event.server_id, "failed")
         self.ran(activity, event.server_id, event.started_at, event.finished_at)
         activity.error = event.error
         self.changed.add(event.step)
-        what = "timed out" if event.timed_out else "failed"
+        step = self.definition.activity(event.step)
+        if event.timed_out:
+            self.timed_out(
+                step,
+                activity,
+                f"attempt {event.attempt} on {event.server_id} timed out: {event.error.message}",
+                event.server_id,
+            )
+            self.advance()
+            return
         self.note(
             HistoryKind.FAILED,
-            f"attempt {event.attempt} {what} on {event.server_id}: "
+            f"attempt {event.attempt} failed on {event.server_id}: "
             f"{event.error.kind}: {event.error.message}",
             event.step,
             event.attempt,
         )
-        step = self.definition.activity(event.step)
         if event.attempt < step.retry.max_attempts:
-            not_before = self.now + timedelta(seconds=step.retry.backoff_s)
             reason = (
-                f"attempt {event.attempt} of {step.retry.max_attempts} {what}; "
+                f"attempt {event.attempt} of {step.retry.max_attempts} failed; "
                 f"retrying after {step.retry.backoff_s:g}s"
             )
+            not_before = self.now + timedelta(seconds=step.retry.backoff_s)
             self.dispatch(step, event.attempt + 1, not_before, reason, HistoryKind.RETRY)
         else:
-            activity.status = ActivityStatus.TIMED_OUT if event.timed_out else ActivityStatus.FAILED
-            activity.reason = f"{what} after {event.attempt} attempt(s)"
+            activity.status = ActivityStatus.FAILED
+            activity.reason = f"failed after {event.attempt} attempt(s)"
+        self.advance()
+
+    def claim(self, event: Claim) -> None:
+        activity = self.state.activities.get(event.step)
+        refusal = self.claim_refusal(event, activity)
+        if refusal is not None:
+            if not event.wants_reply:
+                return  # a start notice that arrived after the result: nothing to say
+            self.answer(event, False, event.attempt, refusal)
+            self.note(
+                HistoryKind.CLAIM_REFUSED,
+                f"{event.server_id}: {refusal}",
+                event.step,
+                event.attempt,
+            )
+            return
+        assert activity is not None
+        holder, since = activity.claimed_by, activity.claimed_at
+        if holder is None or holder == event.server_id:
+            if holder is None:
+                self.hold(activity, event.step, event.server_id, event.at)
+                how = " (redelivered, but never started before)" if event.redelivered else ""
+                self.note(
+                    HistoryKind.CLAIMED,
+                    f"attempt {event.attempt} claimed by {event.server_id}{how}",
+                    event.step,
+                    event.attempt,
+                    server=event.server_id,
+                )
+            self.answer(event, True, activity.attempt, "granted")
+            return
+        if not event.redelivered:
+            # A second copy of a message (a publish repeated after a crash), not a crash.
+            reason = f"attempt {event.attempt} is already claimed by {holder}"
+            self.answer(event, False, event.attempt, reason)
+            self.note(
+                HistoryKind.CLAIM_REFUSED,
+                f"{event.server_id}: {reason} (a duplicate delivery)",
+                event.step,
+                event.attempt,
+            )
+            return
+        lost = (
+            f"attempt {event.attempt} held by {holder} since {_at(since)} was redelivered "
+            f"to {event.server_id} (delivery {event.delivery_count + 1})"
+        )
+        self.note(
+            HistoryKind.REDELIVERED,
+            lost,
+            event.step,
+            event.attempt,
+            server=holder,
+            since=_at(since),
+            to=event.server_id,
+            delivery=event.delivery_count + 1,
+        )
+        if not activity.restartable:
+            self.flag(
+                activity,
+                event.step,
+                "redelivered",
+                f"{lost}: it may have started, and it is not restartable",
+                holder,
+                since,
+            )
+            self.answer(event, False, event.attempt, "flagged: it may have started elsewhere")
+            return
+        activity.interruptions += 1
+        if activity.interruptions >= self.policy.crash_budget:
+            self.flag(
+                activity,
+                event.step,
+                "crash_budget",
+                f"crash budget exhausted: interrupted {activity.interruptions} times; last: {lost}",
+                holder,
+                since,
+            )
+            self.answer(event, False, event.attempt, "flagged: crash budget exhausted")
+            return
+        activity.attempt += 1
+        self.hold(activity, event.step, event.server_id, event.at)
+        self.note(
+            HistoryKind.RESTARTED,
+            f"restartable: running again as attempt {activity.attempt} on {event.server_id}",
+            event.step,
+            activity.attempt,
+        )
+        self.answer(event, True, activity.attempt, f"restarted as attempt {activity.attempt}")
+
+    def claim_refusal(self, event: Claim, activity: ActivityState | None) -> str | None:
+        if activity is None:
+            return "no such activity was dispatched"
+        if self.state.status.is_final:
+            return f"the instance is {self.state.status}"
+        if activity.status.is_final:
+            return f"the activity is {activity.status}"
+        if event.attempt != activity.attempt:
+            return (
+                f"attempt {event.attempt} is stale: the activity is at attempt {activity.attempt}"
+            )
+        if activity.status is ActivityStatus.INTERRUPTED:
+            return "the activity is flagged, waiting for an operator"
+        return None
+
+    def quarantined(self, event: Quarantined) -> None:
+        activity = self.state.activities.get(event.step)
+        if activity is None or activity.status.is_final or self.state.status.is_final:
+            self.note(
+                HistoryKind.IGNORED,
+                "quarantine of an activity that has ended",
+                event.step,
+                event.attempt,
+            )
+            return
+        if activity.status is ActivityStatus.INTERRUPTED:
+            return
+        self.flag(
+            activity,
+            event.step,
+            "crash_budget",
+            f"crash budget exhausted: delivered {event.deliveries} times and a worker "
+            f"went down each time; quarantined by {event.server_id}",
+            activity.claimed_by,
+            activity.claimed_at,
+        )
+
+    def deadline(self, event: DeadlineExpired) -> None:
+        activity = self.state.activities.get(event.step)
+        if (
+            activity is None
+            or activity.attempt != event.attempt
+            or self.state.status.is_final
+            or activity.status is not ActivityStatus.RUNNING
+        ):
+            return  # it ended in time, or is already handled: timers leave no trace then
+        step = self.definition.activity(event.step)
+        self.timed_out(
+            step,
+            activity,
+            f"attempt {event.attempt} on {activity.claimed_by} sent "
+            f"no result within its timeout of {step.timeout_s:g}s",
+            activity.claimed_by,
+        )
+        self.advance()
+
+    def resolve(self, event: Resolve) -> None:
+        activity = self.state.activities.get(event.step)
+        if (
+            activity is None
+            or activity.status is not ActivityStatus.INTERRUPTED
+            or self.state.status.is_final
+        ):
+            self.note(
+                HistoryKind.IGNORED,
+                f"{event.by}'s {event.action} ignored: the activity is not flagged",
+                event.step,
+            )
+            return
+        self.note(
+            HistoryKind.RESOLVED,
+            f"{event.by} chose {event.action}",
+            event.step,
+            activity.attempt,
+            action=event.action,
+        )
+        activity.flag = None
+        step = self.definition.activity(event.step)
+        if event.action == "retry":
+            self.dispatch(step, activity.attempt + 1, None, f"{event.by} chose retry")
+        elif event.action == "skip":
+            activity.status = ActivityStatus.SKIPPED
+            activity.output = {} if event.output is None else event.output
+            activity.reason = f"skipped by {event.by}"
+            self.changed.add(event.step)
+        else:
+            activity.status = ActivityStatus.FAILED
+            activity.error = ActivityError(kind="operator", message=f"failed by {event.by}")
+            activity.reason = f"failed by {event.by}"
+            self.changed.add(event.step)
+        self.refresh_status()
         self.advance()
 
     def cancel(self, event: Cancel) -> None:
@@ -221,9 +358,9 @@ class _Apply:
             return
         self.finish(InstanceStatus.CANCELLED, None, HistoryKind.INSTANCE_CANCELLED, event.reason)
 
-    # helpers
+    # --- helpers -------------------------------------------------------------------------------
 
-    def current(self, step: str, attempt: int, outcome: str) -> ActivityState | None:
+    def current(self, step: str, attempt: int, outcome: str, server: str) -> ActivityState | None:
         """The activity, when a result of `attempt` may still advance it."""
         activity = self.state.activities.get(step)
         if activity is None:
@@ -237,13 +374,107 @@ class _Apply:
         if attempt != activity.attempt or activity.status.is_final or self.state.status.is_final:
             self.note(
                 HistoryKind.LATE_RESULT,
-                f"attempt {attempt} {outcome} late: the activity is {activity.status} "
-                f"at attempt {activity.attempt}",
+                f"attempt {attempt} {outcome} on {server}, late: the activity is "
+                f"{activity.status} at attempt {activity.attempt}; recorded, not applied",
                 step,
                 attempt,
+                server=server,
             )
             return None
         return activity
+
+    def unflag(
+        self, activity: ActivityState, step: str, attempt: int, server: str, outcome: str
+    ) -> None:
+        if activity.status is not ActivityStatus.INTERRUPTED:
+            return
+        self.note(
+            HistoryKind.RESOLVED,
+            f"attempt {attempt} on {server} reported {outcome} "
+            "after it was flagged: the flag resolves itself",
+            step,
+            attempt,
+        )
+        activity.flag = None
+        activity.status = ActivityStatus.RUNNING
+        self.refresh_status()
+
+    def hold(self, activity: ActivityState, step: str, server: str, at: datetime) -> None:
+        activity.status = ActivityStatus.RUNNING
+        activity.claimed_by = server
+        activity.claimed_at = at
+        activity.server_id = server
+        activity.started_at = at
+        self.changed.add(step)
+        timeout = self.definition.activity(step).timeout_s
+        if timeout is not None:
+            at_latest = at + timedelta(seconds=timeout + self.policy.deadline_grace_s)
+            self.decisions.append(SetDeadline(step, activity.attempt, at_latest))
+
+    def answer(self, event: Claim, granted: bool, attempt: int, reason: str) -> None:
+        if event.wants_reply:
+            self.decisions.append(AnswerClaim(granted, attempt, reason))
+
+    def timed_out(
+        self, step: ActivityStep, activity: ActivityState, what: str, server: str | None
+    ) -> None:
+        self.changed.add(step.id)
+        if not activity.restartable:
+            self.flag(
+                activity,
+                step.id,
+                "timeout",
+                f"{what}; it may have had its effect, and it is not restartable",
+                server,
+                activity.claimed_at,
+            )
+            return
+        activity.interruptions += 1
+        self.note(HistoryKind.TIMED_OUT, what, step.id, activity.attempt)
+        if activity.interruptions < self.policy.crash_budget:
+            self.dispatch(
+                step,
+                activity.attempt + 1,
+                None,
+                f"restartable: a new attempt after a time-out "
+                f"({activity.interruptions} of {self.policy.crash_budget})",
+                HistoryKind.RETRY,
+            )
+            return
+        activity.status = ActivityStatus.TIMED_OUT
+        activity.error = activity.error or ActivityError(kind="timeout", message=what)
+        activity.reason = f"timed out {activity.interruptions} times"
+
+    def flag(
+        self,
+        activity: ActivityState,
+        step: str,
+        kind: str,
+        reason: str,
+        server: str | None,
+        since: datetime | None,
+    ) -> None:
+        activity.status = ActivityStatus.INTERRUPTED
+        activity.reason = reason
+        activity.flag = Flag(
+            kind=kind,
+            reason=reason,
+            attempt=activity.attempt,
+            server_id=server,
+            held_since=since,
+            flagged_at=self.now,
+        )
+        self.changed.add(step)
+        self.note(HistoryKind.FLAGGED, reason, step, activity.attempt, flag=kind)
+        self.refresh_status()
+
+    def refresh_status(self) -> None:
+        if self.state.status not in (InstanceStatus.RUNNING, InstanceStatus.FLAGGED):
+            return
+        flagged = any(
+            a.status is ActivityStatus.INTERRUPTED for a in self.state.activities.values()
+        )
+        self.state.status = InstanceStatus.FLAGGED if flagged else InstanceStatus.RUNNING
 
     def ran(
         self, activity: ActivityState, server: str, started: datetime, finished: datetime
@@ -260,24 +491,25 @@ class _Apply:
         reason: str,
         kind: HistoryKind = HistoryKind.DISPATCHED,
     ) -> None:
-        activity_type = ACTIVITY_TYPES[step.type]
+        previous = self.state.activities.get(step.id)
         try:
             params = step.params.render(self.state.expression_context())
         except EvaluationError as exc:
-            self.fail_step(step, ActivityError(kind="expression", message=str(exc)))
+            self.fail_step(step, attempt, ActivityError(kind="expression", message=str(exc)))
             return
         if not isinstance(params, dict):
             self.fail_step(
-                step, ActivityError(kind="expression", message="'with' is not an object")
+                step, attempt, ActivityError(kind="expression", message="'with' is not an object")
             )
             return
-        restartable = activity_type.restartable(params, step.restartable_override)
+        restartable = ACTIVITY_TYPES[step.type].restartable(params, step.restartable_override)
         self.state.activities[step.id] = ActivityState(
             type=step.type,
             status=ActivityStatus.SCHEDULED,
             attempt=attempt,
             restartable=restartable,
             reason=reason,
+            interruptions=previous.interruptions if previous else 0,
         )
         self.changed.add(step.id)
         self.decisions.append(
@@ -285,28 +517,25 @@ class _Apply:
         )
         self.note(kind, reason, step.id, attempt, restartable=restartable)
 
-    def fail_step(self, step: ActivityStep, error: ActivityError) -> None:
-        previous = self.state.activities.get(step.id)
+    def fail_step(self, step: ActivityStep, attempt: int, error: ActivityError) -> None:
         self.state.activities[step.id] = ActivityState(
             type=step.type,
             status=ActivityStatus.FAILED,
-            attempt=previous.attempt if previous else 0,
-            restartable=previous.restartable if previous else False,
+            attempt=attempt,
+            restartable=False,
             error=error,
             reason="its parameters could not be evaluated",
         )
         self.changed.add(step.id)
-        self.note(HistoryKind.FAILED, f"{error.kind}: {error.message}", step.id)
+        self.note(HistoryKind.FAILED, f"{error.kind}: {error.message}", step.id, attempt)
 
     def advance(self) -> None:
-        if self.state.status is not InstanceStatus.RUNNING:
+        if self.state.status not in (InstanceStatus.RUNNING, InstanceStatus.FLAGGED):
             return
         walk = self.walk(self.definition.steps)
         if walk is _Walk.DONE:
             self.state.outputs = {
-                step: a.output
-                for step, a in self.state.activities.items()
-                if a.status in (ActivityStatus.COMPLETED, ActivityStatus.SKIPPED)
+                step: a.output for step, a in self.state.activities.items() if a.status in _DONE
             }
             self.finish(
                 InstanceStatus.COMPLETED,
@@ -330,18 +559,23 @@ class _Apply:
         self.state.error = error
         self.state.finished_at = self.now
         # Activities dispatched in this same transition were never sent: take them back.
-        unsent = {d.step for d in self.decisions if isinstance(d, Dispatch)}
-        self.decisions = [d for d in self.decisions if not isinstance(d, Dispatch)]
+        unsent = {d.step: d.attempt for d in self.decisions if isinstance(d, Dispatch)}
+        self.decisions = [d for d in self.decisions if not isinstance(d, Dispatch | SetDeadline)]
         self.history = [
             h
             for h in self.history
             if not (h.kind in (HistoryKind.DISPATCHED, HistoryKind.RETRY) and h.step in unsent)
         ]
+        for step, attempt in unsent.items():
+            if attempt == 1:
+                del self.state.activities[step]
+                self.changed.discard(step)
         for step, activity in self.state.activities.items():
             if not activity.status.is_final:
                 # A worker may still be running it; its result will arrive late and be ignored.
                 activity.status = ActivityStatus.CANCELLED
                 activity.reason = f"instance {status.value.lower()}"
+                activity.flag = None
                 self.changed.add(step)
         self.decisions.append(Finish(status))
         self.note(kind, reason)
@@ -359,7 +593,7 @@ class _Apply:
             if activity is None:
                 self.dispatch(step, 1, None, "its turn came")
                 activity = self.state.activities[step.id]
-            if activity.status in (ActivityStatus.COMPLETED, ActivityStatus.SKIPPED):
+            if activity.status in _DONE:
                 return _Walk.DONE
             if activity.status.is_final:
                 self.failure = self.failure or activity.error
@@ -388,19 +622,38 @@ class _Apply:
         return _Walk.DONE
 
 
+def _at(moment: datetime | None) -> str:
+    return moment.isoformat(timespec="milliseconds") if moment else "an unknown time"
+
+
 def new_instance(inputs: dict[str, Any]) -> InstanceState:
     return InstanceState(inputs=inputs)
 
 
-def apply(definition: Definition, state: InstanceState, event: Event, now: datetime) -> Transition:
+def apply(
+    definition: Definition,
+    state: InstanceState,
+    event: Event,
+    now: datetime,
+    policy: Policy | None = None,
+) -> Transition:
     """The pure transition function: never mutates `state`."""
-    run = _Apply(definition, state, now)
-    if isinstance(event, Start):
-        run.start()
-    elif isinstance(event, ActivityCompleted):
-        run.completed(event)
-    elif isinstance(event, ActivityFailed):
-        run.failed(event)
-    else:
-        run.cancel(event)
+    run = _Apply(definition, state, now, policy or _DEFAULT_POLICY)
+    match event:
+        case Start():
+            run.start()
+        case ActivityCompleted():
+            run.completed(event)
+        case ActivityFailed():
+            run.failed(event)
+        case Claim():
+            run.claim(event)
+        case Quarantined():
+            run.quarantined(event)
+        case DeadlineExpired():
+            run.deadline(event)
+        case Resolve():
+            run.resolve(event)
+        case Cancel():
+            run.cancel(event)
     return run.result()

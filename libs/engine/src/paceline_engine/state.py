@@ -15,6 +15,21 @@ from paceline_contracts.messages import ActivityError
 from paceline_contracts.states import ActivityStatus, InstanceStatus
 
 
+class Flag(BaseModel):
+    """Why an activity waits for an operator: its outcome is unknown."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str
+    """`redelivered` (its worker died after claiming it), `timeout`, or `crash_budget`."""
+    reason: str
+    attempt: int
+    server_id: str | None = None
+    """The server that held the attempt."""
+    held_since: datetime | None = None
+    flagged_at: datetime
+
+
 class ActivityState(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -31,6 +46,13 @@ class ActivityState(BaseModel):
     error: ActivityError | None = None
     reason: str | None = None
     """Why the activity is where it is, when that is not obvious (a retry, a flag)."""
+    claimed_by: str | None = None
+    """The server that claimed the current attempt: it may have started it."""
+    claimed_at: datetime | None = None
+    interruptions: int = 0
+    """Attempts lost to a crash or a time-out; bounded by the crash budget."""
+    flag: Flag | None = None
+    """Set while the activity is INTERRUPTED, waiting for an operator."""
 
 
 class InstanceState(BaseModel):

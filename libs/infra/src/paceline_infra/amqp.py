@@ -93,6 +93,8 @@ class Outgoing:
     message_type: str
     message_id: str
     headers: Mapping[str, str]
+    reply_to: str | None = None
+    correlation_id: str | None = None
 
 
 class Publisher:
@@ -124,6 +126,8 @@ class Publisher:
                 message_id=message.message_id,
                 type=message.message_type,
                 headers=dict(message.headers),
+                reply_to=message.reply_to,
+                correlation_id=message.correlation_id,
             ),
             routing_key=message.queue.value,
             mandatory=True,
@@ -134,6 +138,14 @@ class Publisher:
         says, per message, None when confirmed or the error."""
         results = await asyncio.gather(*(self.publish(m) for m in messages), return_exceptions=True)
         return [r if isinstance(r, BaseException) else None for r in results]
+
+    async def reply(self, reply_to: str, correlation_id: str, body: bytes) -> None:
+        """Answer a request on the queue it named. Not mandatory: when the asker is gone, so
+        is its queue, and the answer is simply dropped (it asks again, or its work returns)."""
+        await self._channel.default_exchange.publish(
+            aio_pika.Message(body, correlation_id=correlation_id, content_type="application/json"),
+            routing_key=reply_to,
+        )
 
     async def dead_letter(
         self, queue: Queue, message: AbstractIncomingMessage, reason: str

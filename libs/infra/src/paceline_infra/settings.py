@@ -21,4 +21,6 @@ class Settings(BaseSettings):
     """OTLP/HTTP base URL (e.g. http://127.0.0.1:4318); unset: traces are not exported."""
     amqp_heartbeat_s: int = Field(default=5, ge=1, le=600)
     """AMQP heartbeat: a frozen or cut-off peer is detected after about three of these."""
+    crash_budget: int = Field(default=3, ge=1, le=100)
+    """Deliveries that may end in a crash before an activity is quarantined and flagged."""
     log_level: str = "INFO"

@@ -1,10 +1,12 @@
 """Runs activity messages: each in its own task, result published with a confirm, then acked.
 
-The consume callback only parses and starts a task: aio-pika cancels a running callback when the
-connection drops, and an activity must not be cancelled by a network blip. If the broker
-redelivers an attempt this worker is still running (its channel was replaced), the new delivery
-is attached to the running task and acked with it, never run a second time here; an attempt it
-already finished gets its result again.
+The consume callback only parses and starts a task: aio-pika cancels a running callback when
+the connection drops, and an activity must not be cancelled by a network blip. A task waits
+for a free slot (the concurrency), claims its attempt (see claims.py), runs the adapter, and
+settles. Messages beyond the concurrency are only prefetched: never claimed, so a survivor may
+run them if this worker dies. If the broker redelivers an attempt this worker is still running
+(its channel was replaced), the new delivery is acked with the running one, never run twice
+here; an attempt it already finished gets its result again.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncio
 import logging
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,12 +24,19 @@ from aio_pika.abc import AbstractIncomingMessage
 from opentelemetry import trace
 from pydantic import ValidationError
 
-from paceline_contracts.messages import ACTIVITY_TASK, ActivityError, ActivityResult, ActivityTask
+from paceline_contracts.messages import (
+    ACTIVITY_TASK,
+    ActivityError,
+    ActivityQuarantined,
+    ActivityResult,
+    ActivityTask,
+)
 from paceline_contracts.queues import Queue
 from paceline_contracts.states import ActivityStatus
 from paceline_infra import telemetry
 from paceline_infra.amqp import Outgoing, Publisher
 from paceline_worker.adapters import ActivityFailure, run_activity
+from paceline_worker.claims import Claimer
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +48,31 @@ _FINISHED_KEPT = 10_000
 class _InFlight:
     task: ActivityTask
     deliveries: list[AbstractIncomingMessage]
+    redelivered: bool
+    delivery_count: int
     runner: asyncio.Task[None] | None = None
-    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    started: bool = False
+    """The adapter was started: from here on, cancelling it may leave an effect behind."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerConfig:
+    server_id: str
+    concurrency: int
+    """Activities run at once; more may be prefetched, but not started nor claimed."""
+    crash_budget: int
+    """Deliveries of one message that may end in a crash before it is quarantined."""
 
 
 class ActivityRunner:
-    def __init__(self, server_id: str, publisher: Publisher, http: httpx.AsyncClient) -> None:
-        self._server_id = server_id
+    def __init__(
+        self, config: RunnerConfig, publisher: Publisher, claimer: Claimer, http: httpx.AsyncClient
+    ) -> None:
+        self._server_id = config.server_id
+        self._crash_budget = config.crash_budget
+        self._slots = asyncio.Semaphore(config.concurrency)
         self._publisher = publisher
+        self._claimer = claimer
         self._http = http
         self._in_flight: dict[AttemptKey, _InFlight] = {}
         self._finished: OrderedDict[AttemptKey, Outgoing] = OrderedDict()
@@ -65,6 +91,10 @@ class ActivityRunner:
             )
             await self._publisher.dead_letter(Queue.ACTIVITIES, message, reason)
             return
+        delivery_count = _delivery_count(message)
+        if delivery_count >= self._crash_budget:
+            await self._quarantine(task, message, delivery_count + 1)
+            return
         key = (task.instance_id, task.step, task.attempt)
         if (running := self._in_flight.get(key)) is not None:
             running.deliveries.append(message)
@@ -72,50 +102,102 @@ class ActivityRunner:
             return
         if (result := self._finished.get(key)) is not None:
             # Finished here already (its ack was lost with a channel): answer it again.
-            resettle = asyncio.create_task(self._settle([message], result))
-            self._background.add(resettle)
-            resettle.add_done_callback(self._background.discard)
+            self._spawn(self._settle([message], result))
             return
-        flight = _InFlight(task, [message])
+        redelivered = message.redelivered or delivery_count > 0
+        flight = _InFlight(task, [message], redelivered, delivery_count)
         self._in_flight[key] = flight
         flight.runner = asyncio.create_task(
             self._run(key, flight, message.headers), name=f"activity {key}"
         )
 
+    async def _quarantine(
+        self, task: ActivityTask, message: AbstractIncomingMessage, deliveries: int
+    ) -> None:
+        """A poison message: it took a worker down again and again. Tell the scheduler (which
+        flags the activity), then move it to the dead-letter queue instead of running it."""
+        notice = ActivityQuarantined(
+            instance_id=task.instance_id,
+            step=task.step,
+            attempt=task.attempt,
+            deliveries=deliveries,
+            server_id=self._server_id,
+        )
+        await self._publisher.publish(
+            Outgoing(
+                Queue.RESULTS,
+                notice.model_dump_json().encode(),
+                notice.type,
+                uuid.uuid4().hex,
+                telemetry.inject(telemetry.extract(message.headers)),
+            )
+        )
+        await self._publisher.dead_letter(
+            Queue.ACTIVITIES,
+            message,
+            f"crash budget exhausted: delivered {deliveries} times, a worker went down each time",
+        )
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def _run(self, key: AttemptKey, flight: _InFlight, headers: Any) -> None:
         task = flight.task
-        with telemetry.tracer().start_as_current_span(
-            f"run {task.activity_type}",
-            context=telemetry.extract(headers),
-            kind=trace.SpanKind.CONSUMER,
-            attributes={
-                "paceline.instance_id": str(task.instance_id),
-                "paceline.step": task.step,
-                "paceline.attempt": task.attempt,
-                "paceline.restartable": task.restartable,
-                "paceline.server_id": self._server_id,
-            },
-        ) as span:
-            status, output, error = await self._execute(task)
-            span.set_attribute("paceline.activity.status", status.value)
-            result = ActivityResult(
-                instance_id=task.instance_id,
-                step=task.step,
-                attempt=task.attempt,
-                status=status,
-                output=output,
-                error=error,
-                server_id=self._server_id,
-                started_at=flight.started_at,
-                finished_at=datetime.now(UTC),
-            )
-            outgoing = Outgoing(
-                Queue.RESULTS,
-                result.model_dump_json().encode(),
-                result.type,
-                str(uuid.uuid4()),
-                telemetry.inject(),
-            )
+        async with self._slots:
+            with telemetry.tracer().start_as_current_span(
+                f"run {task.activity_type}",
+                context=telemetry.extract(headers),
+                kind=trace.SpanKind.CONSUMER,
+                attributes={
+                    "paceline.instance_id": str(task.instance_id),
+                    "paceline.step": task.step,
+                    "paceline.attempt": task.attempt,
+                    "paceline.restartable": task.restartable,
+                    "paceline.server_id": self._server_id,
+                    "messaging.rabbitmq.redelivered": flight.redelivered,
+                },
+            ) as span:
+                attempt = task.attempt
+                if not task.restartable or flight.redelivered:
+                    reply = await self._claimer.claim(
+                        task, redelivered=flight.redelivered, delivery_count=flight.delivery_count
+                    )
+                    span.add_event(
+                        "claim answered", {"granted": reply.granted, "reason": reply.reason}
+                    )
+                    if not reply.granted:
+                        log.info("not running %s: %s", key, reply.reason)
+                        del self._in_flight[key]
+                        await self._ack(flight.deliveries)
+                        return
+                    attempt = reply.attempt
+                else:
+                    self._spawn(self._claimer.notify(task))
+                span.set_attribute("paceline.attempt.run", attempt)
+                flight.started = True
+                started_at = datetime.now(UTC)
+                status, output, error = await self._execute(task)
+                span.set_attribute("paceline.activity.status", status.value)
+                result = ActivityResult(
+                    instance_id=task.instance_id,
+                    step=task.step,
+                    attempt=attempt,
+                    status=status,
+                    output=output,
+                    error=error,
+                    server_id=self._server_id,
+                    started_at=started_at,
+                    finished_at=datetime.now(UTC),
+                )
+                outgoing = Outgoing(
+                    Queue.RESULTS,
+                    result.model_dump_json().encode(),
+                    result.type,
+                    uuid.uuid4().hex,
+                    telemetry.inject(),
+                )
         self._finished[key] = outgoing
         while len(self._finished) > _FINISHED_KEPT:
             self._finished.popitem(last=False)
@@ -161,21 +243,42 @@ class ActivityRunner:
                 log.warning("result publish failed (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+        await self._ack(deliveries)
+
+    async def _ack(self, deliveries: list[AbstractIncomingMessage]) -> None:
         for delivery in deliveries:
             try:
                 await delivery.ack()
             except Exception:
-                # and the finished-attempt cache answers that redelivery with this result.
+                # and the finished-attempt cache (or the claim) answers that redelivery.
                 log.info("ack failed for a delivery of a closed channel")
 
     async def drain(self, grace_s: float) -> int:
-        """Wait up to `grace_s` for in-flight activities; cancel the rest (left unacked, the
-        broker hands them to a survivor). Returns how many were cancelled."""
-        tasks = [f.runner for f in self._in_flight.values() if f.runner is not None]
-        if not tasks:
+        """Friendly shutdown: hand back what has not started at once; give what has started
+        up to `grace_s` to finish; cancel the rest, left unacked for the broker to hand to a
+        survivor under the failover rule. Returns how many were cancelled while running."""
+        waiting = [f for f in self._in_flight.values() if not f.started]
+        for flight in waiting:
+            if flight.runner is not None:
+                flight.runner.cancel()
+        await asyncio.gather(*(f.runner for f in waiting if f.runner), return_exceptions=True)
+        for flight in waiting:
+            for delivery in flight.deliveries:
+                try:
+                    await delivery.nack(requeue=True)
+                except Exception:
+                    log.debug("nack failed", exc_info=True)
+        running = [f.runner for f in self._in_flight.values() if f.runner and f.started]
+        if not running:
             return 0
-        _, pending = await asyncio.wait(tasks, timeout=grace_s)
+        _, pending = await asyncio.wait(running, timeout=grace_s)
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         return len(pending)
+
+
+def _delivery_count(message: AbstractIncomingMessage) -> int:
+    """Earlier deliveries of this message that were not acked (quorum queues count them)."""
+    count = (message.headers or {}).get("x-delivery-count")
+    return count if isinstance(count, int) else 0

@@ -10,7 +10,8 @@ import httpx
 from paceline_contracts.queues import Queue
 from paceline_infra import amqp, telemetry
 from paceline_infra.identity import ServerIdentity
-from paceline_worker.runner import ActivityRunner
+from paceline_worker.claims import Claimer
+from paceline_worker.runner import ActivityRunner, RunnerConfig
 from paceline_worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -22,9 +23,14 @@ async def serve(settings: WorkerSettings, identity: ServerIdentity, stop: asynci
     try:
         async with httpx.AsyncClient() as http:
             publisher = await amqp.Publisher.open(connection, settings.namespace)
-            runner = ActivityRunner(identity.id, publisher, http)
+            claimer = Claimer(identity.id, publisher)
+            await claimer.open(connection, settings.namespace)
+            config = RunnerConfig(identity.id, settings.worker_concurrency, settings.crash_budget)
+            runner = ActivityRunner(config, publisher, claimer, http)
             channel = await connection.channel()
-            await channel.set_qos(prefetch_count=settings.worker_concurrency)
+            await channel.set_qos(
+                prefetch_count=settings.worker_prefetch or settings.worker_concurrency
+            )
             queue = await amqp.open_queue(channel, settings.namespace, Queue.ACTIVITIES)
             tag = await queue.consume(runner.on_message, no_ack=False)
             log.info("worker %s ready: concurrency %d", identity.id, settings.worker_concurrency)

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from paceline_admin.instance_models import ActivityView
+from paceline_admin.instance_models import ActivityView, FlagView
 from paceline_engine.definitions import DefinitionError, parse_definition
 
 log = logging.getLogger(__name__)
@@ -44,4 +44,21 @@ def _view(step: str, state: Mapping[str, Any]) -> ActivityView:
         output=state.get("output"),
         error=state.get("error"),
         reason=state.get("reason"),
+        claimed_by=state.get("claimed_by"),
+        interruptions=int(state.get("interruptions") or 0),
+        flag=flag_view(state.get("flag")),
+    )
+
+
+def flag_view(flag: Any) -> FlagView | None:
+    """The engine's `Flag` (with `server_id`) as the API shows it (with `server`)."""
+    if not isinstance(flag, Mapping):
+        return None
+    return FlagView(
+        kind=flag.get("kind", ""),
+        reason=flag.get("reason", ""),
+        attempt=int(flag.get("attempt", 0)),
+        server=flag.get("server_id"),
+        held_since=flag.get("held_since"),
+        flagged_at=flag["flagged_at"],
     )

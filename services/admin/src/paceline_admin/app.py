@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from paceline_admin import definitions, health, instances, problems
+from paceline_admin import definitions, flags, health, instances, problems
 from paceline_admin.auth import token_first
 from paceline_admin.body_limit import BodyLimit
 from paceline_admin.resources import open_resources
@@ -21,7 +21,9 @@ The Paceline admin API. Every /v1 request carries `Authorization: Bearer <token>
 Every error is `application/problem+json` (RFC 9457) with a `detail`, and `errors` listing
 each problem when there can be several. Bad input is a 4xx, never a 500: malformed JSON or
 YAML is 400, bodies over 1 MiB 413, invalid definitions, inputs and parameters 422, unknown
-definitions, definition versions and instances 404.
+definitions, definition versions, instances and steps 404. A command the current state does
+not allow (cancelling an ended instance, resolving an activity that is not flagged) is 409;
+a command the broker cannot take right now is 503 (nothing was sent: try again).
 """
 
 
@@ -48,6 +50,7 @@ def create_app(settings: AdminSettings, identity: ServerIdentity | None = None) 
     app.include_router(health.router)
     app.include_router(definitions.router)
     app.include_router(instances.router)
+    app.include_router(flags.router)
 
     default_openapi = app.openapi
 

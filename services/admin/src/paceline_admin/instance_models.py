@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -57,6 +57,21 @@ class InstanceSummary(BaseModel):
     finished_at: datetime | None
 
 
+class FlagView(BaseModel):
+    """Why an activity waits for an operator: its outcome is unknown."""
+
+    kind: str = Field(
+        description="`redelivered` (the server that claimed it died), `timeout` or `crash_budget`."
+    )
+    reason: str = Field(
+        description="Which server held which attempt since when, and what ended it."
+    )
+    attempt: int = Field(description="The attempt whose outcome is unknown.")
+    server: str | None = Field(description="The server id that held the attempt.")
+    held_since: datetime | None = Field(description="When that server claimed the attempt.")
+    flagged_at: datetime
+
+
 class ActivityView(BaseModel):
     """One dispatched activity and its current attempt."""
 
@@ -73,6 +88,18 @@ class ActivityView(BaseModel):
     reason: str | None = Field(
         default=None,
         description="Why it is where it is, when that is not obvious (a retry, a flag).",
+    )
+    claimed_by: str | None = Field(
+        default=None,
+        description="The server that claimed the current attempt: it may have started it.",
+    )
+    interruptions: int = Field(
+        default=0, description="Attempts lost to a crash or a time-out (the crash budget)."
+    )
+    flag: FlagView | None = Field(
+        default=None,
+        description="Set while the activity is INTERRUPTED, waiting for an operator "
+        "(`POST .../activities/{step}/resolve`).",
     )
 
 
@@ -114,3 +141,50 @@ class HistoryEvent(BaseModel):
 
 class InstanceHistory(BaseModel):
     items: list[HistoryEvent] = Field(description="Every event, oldest first.")
+
+
+class FlaggedActivity(BaseModel):
+    """An INTERRUPTED activity of a FLAGGED instance: it waits for an operator."""
+
+    instance_id: UUID
+    definition: str
+    version: int
+    step: str
+    type: str = Field(description="The activity type, e.g. `shell.command`.")
+    attempt: int = Field(description="The activity's current attempt.")
+    restartable: bool
+    flag: FlagView | None = Field(
+        description="Why it waits; null only for an activity flagged by an older engine."
+    )
+    instance_url: str = Field(description="The instance, with all its activities.")
+
+
+class FlagPage(BaseModel):
+    items: list[FlaggedActivity] = Field(description="Oldest flag first.")
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last one."
+    )
+
+
+class ResolveRequest(BaseModel):
+    """An operator's decision on a flagged activity. Unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["retry", "skip", "fail"] = Field(
+        description="`retry`: run it again as a new attempt; `skip`: mark it SKIPPED (done) with "
+        "`output`; `fail`: fail the activity, and with it the instance."
+    )
+    output: dict[str, Any] | None = Field(
+        default=None,
+        description="Only with `skip`: the output later steps see (`{}` when omitted).",
+    )
+
+
+class ResolveAccepted(BaseModel):
+    """The decision was sent to the scheduler, which applies it and records it in the history."""
+
+    id: UUID
+    step: str
+    action: Literal["retry", "skip", "fail"]
+    status: Literal["RESOLVE_REQUESTED"] = "RESOLVE_REQUESTED"

@@ -126,3 +126,56 @@ async def history(pool: asyncpg.Pool, instance_id: UUID) -> list[asyncpg.Record]
             instance_id,
         )
         return rows
+
+
+# Every INTERRUPTED activity of a FLAGGED instance, one row each, keyed by when it was flagged.
+# An activity without a flag (written by an older engine) sorts by the row's last change.
+_FLAGGED = """
+    SELECT i.id AS instance_id, i.definition, i.version, a.key AS step, a.value AS activity,
+           coalesce((a.value->'flag'->>'flagged_at')::timestamptz, i.updated_at) AS flagged_at
+    FROM instances i CROSS JOIN LATERAL jsonb_each(i.state->'activities') AS a
+    WHERE i.status = 'FLAGGED' AND a.value->>'status' = 'INTERRUPTED'
+"""
+
+
+async def flag_page(
+    pool: asyncpg.Pool,
+    *,
+    definition: str | None,
+    after: tuple[datetime, UUID, str] | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """Oldest flag first; ties by instance id, then step (the keyset the cursor holds)."""
+    where: list[str] = []
+    args: list[Any] = []
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    inner = _FLAGGED
+    if definition is not None:
+        inner += f" AND i.definition = {arg(definition)}"
+    if after is not None:
+        key = f"({arg(after[0])}::timestamptz, {arg(after[1])}::uuid, {arg(after[2])}::text)"
+        where.append(f"(f.flagged_at, f.instance_id, f.step) > {key}")
+    # Only placeholders are interpolated; every value travels as a parameter.
+    sql = (
+        f"SELECT * FROM ({inner}) f"  # noqa: S608 (placeholders only)
+        f"{' WHERE ' + ' AND '.join(where) if where else ''}"
+        f" ORDER BY f.flagged_at, f.instance_id, f.step LIMIT {arg(limit)}"
+    )
+    rows: list[asyncpg.Record] = await pool.fetch(sql, *args)
+    return rows
+
+
+async def resolve_target(pool: asyncpg.Pool, instance_id: UUID, step: str) -> asyncpg.Record | None:
+    """The instance's status and traceparent, and the state of its activity `step` (null when
+    no such activity was dispatched); None when there is no such instance."""
+    row: asyncpg.Record | None = await pool.fetchrow(
+        "SELECT status, traceparent, state->'activities'->($2::text) AS activity"
+        " FROM instances WHERE id = $1",
+        instance_id,
+        step,
+    )
+    return row

@@ -1,4 +1,4 @@
-"""Routes for process instances: start, list, read, cancel, history."""
+"""Routes for process instances: start, list, read, cancel, resolve a flag, history."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from paceline_admin import instance_store as store
 from paceline_admin import starting
 from paceline_admin.activities import activity_views
 from paceline_admin.auth import Authorized, require_token
+from paceline_admin.documents import as_json_document
 from paceline_admin.instance_models import (
     CancelAccepted,
     HistoryEvent,
@@ -23,18 +24,20 @@ from paceline_admin.instance_models import (
     InstanceHistory,
     InstancePage,
     InstanceSummary,
+    ResolveAccepted,
+    ResolveRequest,
     StartedInstance,
     StartInstanceRequest,
 )
 from paceline_admin.paging import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor
 from paceline_admin.params import Text
-from paceline_admin.problems import ApiError, ProblemItem, problem_responses
+from paceline_admin.problems import ApiError, ProblemItem, problem_responses, summarize
 from paceline_admin.resources import Broker, Db
-from paceline_contracts.messages import CancelInstance
+from paceline_contracts.messages import CancelInstance, Command, ResolveActivity
 from paceline_contracts.queues import Queue
-from paceline_contracts.states import InstanceStatus
-from paceline_infra.amqp import Outgoing
-from paceline_infra.telemetry import inject, tracer
+from paceline_contracts.states import ActivityStatus, InstanceStatus
+from paceline_infra.amqp import Outgoing, Publisher
+from paceline_infra.telemetry import extract, inject, tracer
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,18 @@ StartedBy = Annotated[
         max_length=200,
         pattern=r"^[^\x00-\x1f\x7f]+$",
         description="Who the start is for (a person or service), recorded as `started_by`.",
+    ),
+]
+
+StepParam = Annotated[str, Path(description="The step id of the activity."), Text]
+Operator = Annotated[
+    str | None,
+    Header(
+        alias="X-Paceline-Operator",
+        max_length=200,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="Who decides (a person or service), recorded in the history as `by`; "
+        "`admin-token` when omitted.",
     ),
 ]
 
@@ -204,24 +219,128 @@ async def cancel_instance(instance_id: IdParam, pool: Db, publisher: Broker) -> 
     with tracer().start_as_current_span(
         "cancel instance", attributes={"paceline.instance_id": str(instance_id)}
     ):
-        message = Outgoing(
-            Queue.COMMANDS,
-            command.model_dump_json().encode(),
-            command.type,
-            str(uuid.uuid4()),
-            inject(),
-        )
-        try:
-            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
-                await publisher.publish(message)
-        except (TimeoutError, OSError, AMQPError, ChannelInvalidStateError) as exc:
-            log.warning("cancel of %s not sent: %r", instance_id, exc)
-            raise ApiError(
-                503,
-                "the message broker did not take the cancel command; try again",
-                kind="broker-unavailable",
-            ) from exc
+        await _send(publisher, command, "cancel")
     return CancelAccepted(id=instance_id, status=status)
+
+
+async def _send(publisher: Publisher, command: Command, what: str) -> None:
+    """Publish a command in the current span and wait for the broker's confirm; 503 when the
+    broker does not take it (then nothing was sent, and the caller may try again)."""
+    message = Outgoing(
+        Queue.COMMANDS,
+        command.model_dump_json().encode(),
+        command.type,
+        str(uuid.uuid4()),
+        inject(),
+    )
+    try:
+        async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+            await publisher.publish(message)
+    except (TimeoutError, OSError, AMQPError, ChannelInvalidStateError) as exc:
+        log.warning("%s of %s not sent: %r", what, command.instance_id, exc)
+        raise ApiError(
+            503,
+            f"the message broker did not take the {what} command; try again",
+            kind="broker-unavailable",
+        ) from exc
+
+
+@router.post(
+    "/{instance_id}/activities/{step}/resolve",
+    status_code=202,
+    response_model=ResolveAccepted,
+    responses=problem_responses(400, 404, 409, 413, 503),
+)
+async def resolve_activity(
+    instance_id: IdParam,
+    step: StepParam,
+    body: ResolveRequest,
+    subject: Authorized,
+    pool: Db,
+    publisher: Broker,
+    operator: Operator = None,
+) -> ResolveAccepted:
+    """Decide on a flagged (INTERRUPTED) activity whose outcome is unknown: `retry` runs it
+    again, `skip` marks it done with `output` (`{}` when omitted), `fail` fails the instance.
+    The scheduler applies the decision and records it in the history.
+
+    404 for an unknown instance or a step that is not one of its activities; 409 when the
+    activity is not flagged or the instance has ended; 503 when the broker cannot take the
+    command (nothing was sent: try again)."""
+    output = _resolve_output(body)
+    target = await store.resolve_target(pool, instance_id, step)
+    if target is None:
+        raise _not_found(instance_id)
+    activity = target["activity"]
+    if not isinstance(activity, dict):
+        raise ApiError(
+            404,
+            f"instance {instance_id} has no activity {step!r} (it is not an activity step, "
+            "or it has not run yet)",
+            kind="not-found",
+        )
+    status = InstanceStatus(target["status"])
+    if status.is_final:
+        raise ApiError(
+            409, f"instance {instance_id} has already ended ({status.value})", kind="instance-ended"
+        )
+    current = activity.get("status")
+    if current != ActivityStatus.INTERRUPTED:
+        raise ApiError(
+            409,
+            f"activity {step!r} of instance {instance_id} is {current}, not flagged "
+            f"({ActivityStatus.INTERRUPTED.value}): there is nothing to resolve",
+            kind="not-flagged",
+        )
+    command = ResolveActivity(
+        instance_id=instance_id,
+        step=step,
+        action=body.action,
+        output=output,
+        by=operator or subject,
+    )
+    traceparent = target["traceparent"]
+    # In the instance's own trace, so that the operator's decision shows up in it.
+    with tracer().start_as_current_span(
+        "resolve activity",
+        context=extract({"traceparent": traceparent}) if traceparent else None,
+        attributes={
+            "paceline.instance_id": str(instance_id),
+            "paceline.step": step,
+            "paceline.action": body.action,
+            "paceline.by": command.by,
+        },
+    ):
+        await _send(publisher, command, "resolve")
+    return ResolveAccepted(id=instance_id, step=step, action=body.action)
+
+
+def _resolve_output(body: ResolveRequest) -> dict[str, Any] | None:
+    """The output to send: only `skip` takes one (`{}` when omitted), and it must be storable."""
+    if body.action != "skip":
+        if "output" in body.model_fields_set:
+            item = ProblemItem(
+                path="output", message=f"only `skip` takes an output, not `{body.action}`"
+            )
+            raise ApiError(
+                422,
+                summarize([item]),
+                kind="invalid-request",
+                title="Invalid request",
+                errors=[item],
+            )
+        return None
+    output, problems = as_json_document(body.output or {}, "output")
+    if problems:
+        raise ApiError(
+            422,
+            summarize(problems, "the output"),
+            kind="invalid-output",
+            title="Invalid output",
+            errors=problems,
+        )
+    assert isinstance(output, dict)
+    return output
 
 
 @router.get(

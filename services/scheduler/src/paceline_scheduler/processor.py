@@ -1,8 +1,9 @@
 """Applies a batch of deliveries: parse, lock the instances, run the engine, commit, publish.
 
-One transaction per batch. Outgoing messages (activity tasks, events) are staged in the outbox
-inside it and flushed only after the commit; deliveries are acked only after the commit. A
-delivery that cannot be parsed or refers to nothing is dead-lettered with its reason.
+One transaction per batch. Outgoing messages (activity tasks, timers, events) are staged in the
+outbox inside it and flushed only after the commit; deliveries are acked and claims answered
+only after the commit. A delivery that cannot be parsed or refers to nothing is dead-lettered
+with its reason.
 """
 
 from __future__ import annotations
@@ -11,36 +12,38 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID
 
 import asyncpg
 from opentelemetry import trace
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
-from paceline_contracts.messages import (
-    COMMAND,
-    RESULT,
-    ActivityError,
-    ActivityResult,
-    ActivitySnapshot,
-    ActivityTask,
-    CancelInstance,
-    InstanceChanged,
-    InstanceSnapshot,
-    StartInstance,
-)
+from paceline_contracts.messages import CLAIM, COMMAND, RESULT, ClaimReply
 from paceline_contracts.queues import Queue
-from paceline_contracts.states import ActivityStatus
 from paceline_engine import machine
 from paceline_engine.definitions import Definition
+from paceline_engine.events import AnswerClaim, HistoryEntry, Policy
 from paceline_infra import outbox, telemetry
 from paceline_infra.amqp import Publisher
 from paceline_infra.batching import Delivery
 from paceline_scheduler import store
+from paceline_scheduler.translate import Incoming, instance_changed, to_event, to_outbox
 
 log = logging.getLogger(__name__)
 
-Incoming = StartInstance | CancelInstance | ActivityResult
+DB_DOWN = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    TimeoutError,
+)
+_PARSERS: dict[Queue, TypeAdapter[Any]] = {
+    Queue.COMMANDS: COMMAND,
+    Queue.RESULTS: RESULT,
+    Queue.CLAIMS: CLAIM,
+}
 
 
 @dataclass(slots=True)
@@ -51,44 +54,20 @@ class _Parsed:
 
 @dataclass(slots=True)
 class _Outcome:
-    """What one batch produced, to be written in its transaction."""
+    """What one batch produced, to be written in its transaction and sent after it."""
 
     saved: list[store.InstanceRow] = field(default_factory=list)
-    history: list[tuple[UUID, datetime, machine.HistoryEntry]] = field(default_factory=list)
+    history: list[tuple[UUID, datetime, HistoryEntry]] = field(default_factory=list)
     messages: list[outbox.OutboxMessage] = field(default_factory=list)
+    replies: list[tuple[_Parsed, ClaimReply]] = field(default_factory=list)
     unknown: list[_Parsed] = field(default_factory=list)
 
 
-def to_event(message: Incoming) -> machine.Event:
-    if isinstance(message, StartInstance):
-        return machine.Start()
-    if isinstance(message, CancelInstance):
-        return machine.Cancel(message.reason)
-    if message.status is ActivityStatus.COMPLETED:
-        return machine.ActivityCompleted(
-            message.step,
-            message.attempt,
-            message.output,
-            message.server_id,
-            message.started_at,
-            message.finished_at,
-        )
-    error = message.error or ActivityError(kind="failed", message="no error given")
-    return machine.ActivityFailed(
-        message.step,
-        message.attempt,
-        error,
-        message.server_id,
-        message.started_at,
-        message.finished_at,
-        timed_out=message.status is ActivityStatus.TIMED_OUT,
-    )
-
-
 class Processor:
-    def __init__(self, pool: asyncpg.Pool, publisher: Publisher) -> None:
+    def __init__(self, pool: asyncpg.Pool, publisher: Publisher, policy: Policy) -> None:
         self._pool = pool
         self._publisher = publisher
+        self._policy = policy
         self._definitions = store.DefinitionCache()
 
     async def handle(self, batch: list[Delivery]) -> None:
@@ -97,35 +76,31 @@ class Processor:
             return
         try:
             outcome = await self._commit(parsed)
-        except (
-            OSError,
-            asyncpg.PostgresConnectionError,
-            asyncpg.InterfaceError,
-            asyncpg.CannotConnectNowError,
-            TimeoutError,
-        ):
+        except DB_DOWN:
             raise  # the database is unreachable: the caller requeues and backs off
         except Exception:
             if len(parsed) == 1:
+                log.exception("scheduler: dead-lettering a delivery it could not apply")
                 await self._dead_letter(parsed[0], "the scheduler could not apply it")
-                log.exception("scheduler: dead-lettered a delivery it could not apply")
                 return
             # Find the one delivery that breaks the batch instead of failing all of them.
             log.exception("scheduler: batch of %d failed; applying one at a time", len(parsed))
             for p in parsed:
                 await self.handle([p.delivery])
             return
+        for p, reply in outcome.replies:
+            await self._reply(p, reply)
         for p in outcome.unknown:
-            await self._dead_letter(p, f"no instance {self._instance_id(p.message)}")
+            await self._dead_letter(p, f"no instance {p.message.instance_id}")
+        unknown = {id(p) for p in outcome.unknown}
         for p in parsed:
-            if p not in outcome.unknown:
+            if id(p) not in unknown:
                 await p.delivery.message.ack()
         await outbox.flush(self._pool, self._publisher, outcome.messages)
 
     async def _parse(self, delivery: Delivery) -> _Parsed | None:
         try:
-            adapter = COMMAND if delivery.queue is Queue.COMMANDS else RESULT
-            message: Incoming = adapter.validate_json(delivery.message.body)
+            message = _PARSERS[delivery.queue].validate_json(delivery.message.body)
         except ValidationError as exc:
             reason = f"not a valid {delivery.queue.value} message: " + "; ".join(
                 f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:10]
@@ -137,9 +112,16 @@ class Processor:
     async def _dead_letter(self, parsed: _Parsed, reason: str) -> None:
         await self._publisher.dead_letter(parsed.delivery.queue, parsed.delivery.message, reason)
 
-    @staticmethod
-    def _instance_id(message: Incoming) -> UUID:
-        return message.instance_id
+    async def _reply(self, parsed: _Parsed, reply: ClaimReply) -> None:
+        incoming = parsed.delivery.message
+        if not incoming.reply_to or not incoming.correlation_id:
+            return
+        try:
+            await self._publisher.reply(
+                incoming.reply_to, incoming.correlation_id, reply.model_dump_json().encode()
+            )
+        except Exception as exc:
+            log.warning("claim reply to %s failed: %s", incoming.reply_to, exc)
 
     async def _commit(self, parsed: list[_Parsed]) -> _Outcome:
         by_instance: dict[UUID, list[_Parsed]] = defaultdict(list)
@@ -183,13 +165,14 @@ class Processor:
             },
         ) as span:
             state = row.state
-            decisions: list[machine.Decision] = []
+            decisions = []
             changed: set[str] = set()
             any_change = False
             for p in items:
-                transition = machine.apply(definition, state, to_event(p.message), now)
+                transition = machine.apply(
+                    definition, state, to_event(p.message), now, self._policy
+                )
                 state = transition.state
-                decisions.extend(transition.decisions)
                 changed |= transition.changed_steps
                 any_change = any_change or transition.changed
                 outcome.history.extend((row.id, now, h) for h in transition.history)
@@ -198,63 +181,23 @@ class Processor:
                         h.kind.value,
                         {"reason": h.reason, "step": h.step or "", "attempt": h.attempt or 0},
                     )
+                for d in transition.decisions:
+                    if isinstance(d, AnswerClaim):
+                        outcome.replies.append(
+                            (p, ClaimReply(granted=d.granted, attempt=d.attempt, reason=d.reason))
+                        )
+                    else:
+                        decisions.append(d)
             if not any_change:
                 return
             state.seq += 1
             row.state = state
             outcome.saved.append(row)
             headers = telemetry.inject()
-            for d in decisions:
-                if isinstance(d, machine.Dispatch):
-                    task = ActivityTask(
-                        instance_id=row.id,
-                        step=d.step,
-                        activity_type=d.activity_type,
-                        params=d.params,
-                        attempt=d.attempt,
-                        restartable=d.restartable,
-                        timeout_s=d.timeout_s,
-                    )
-                    outcome.messages.append(
-                        outbox.OutboxMessage.of(
-                            Queue.ACTIVITIES, task, headers, not_before=d.not_before
-                        )
-                    )
+            outcome.messages.extend(
+                m for d in decisions if (m := to_outbox(row, d, headers)) is not None
+            )
             span.set_attribute("paceline.instance.status", state.status.value)
             outcome.messages.append(
-                outbox.OutboxMessage.of(Queue.EVENTS, self._event(row, changed), headers)
+                outbox.OutboxMessage.of(Queue.EVENTS, instance_changed(row, changed), headers)
             )
-
-    @staticmethod
-    def _event(row: store.InstanceRow, changed: set[str]) -> InstanceChanged:
-        state = row.state
-        return InstanceChanged(
-            seq=state.seq,
-            instance=InstanceSnapshot(
-                instance_id=row.id,
-                definition=row.definition,
-                version=row.version,
-                status=state.status,
-                started_by=row.started_by,
-                started_how=row.started_how,
-                created_at=row.created_at,
-                started_at=state.started_at,
-                finished_at=state.finished_at,
-                error=state.error,
-            ),
-            activities=tuple(
-                ActivitySnapshot(
-                    step=step,
-                    activity_type=a.type,
-                    status=a.status,
-                    restartable=a.restartable,
-                    attempts=a.attempt,
-                    server_id=a.server_id,
-                    started_at=a.started_at,
-                    finished_at=a.finished_at,
-                    error=a.error,
-                )
-                for step, a in state.activities.items()
-                if step in changed
-            ),
-        )

@@ -5,26 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import asyncpg
-
 from paceline_contracts.queues import Queue
 from paceline_contracts.states import ServerKind
 from paceline_infra import amqp, db, telemetry
 from paceline_infra.batching import Batcher
 from paceline_infra.identity import ServerIdentity
 from paceline_infra.outbox import Relay
-from paceline_scheduler.processor import Processor
+from paceline_scheduler.processor import DB_DOWN, Processor
 from paceline_scheduler.settings import SchedulerSettings
 
 log = logging.getLogger(__name__)
-
-_DB_DOWN = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    TimeoutError,
-)
 
 
 async def serve(settings: SchedulerSettings, identity: ServerIdentity, stop: asyncio.Event) -> None:
@@ -38,18 +28,18 @@ async def serve(settings: SchedulerSettings, identity: ServerIdentity, stop: asy
             max_size=settings.scheduler_batch_size,
             window_s=settings.scheduler_batch_window_ms / 1000,
         )
-        for queue in (Queue.COMMANDS, Queue.RESULTS):
+        for queue in (Queue.CLAIMS, Queue.COMMANDS, Queue.RESULTS):
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=settings.scheduler_prefetch)
             await batcher.consume(queue, await amqp.open_queue(channel, settings.namespace, queue))
-        processor = Processor(pool, publisher)
+        processor = Processor(pool, publisher, settings.policy())
         relay = asyncio.create_task(Relay(pool, publisher).run(stop), name="outbox-relay")
         log.info("scheduler %s ready (namespace %s)", identity.id, settings.namespace)
         stopping = asyncio.create_task(_stop_consuming_on(stop, batcher))
         async for batch in batcher.batches(stop):
             try:
                 await processor.handle(batch)
-            except _DB_DOWN as exc:
+            except DB_DOWN as exc:
                 log.warning(
                     "scheduler: database unavailable (%s); requeueing %d deliveries",
                     exc,

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from paceline_engine.events import Policy
 from paceline_infra.settings import Settings
 
 
@@ -12,3 +13,9 @@ class SchedulerSettings(Settings):
     """Deliveries applied in one database transaction."""
     scheduler_batch_window_ms: float = Field(default=5.0, ge=0, le=1_000)
     """How long a batch waits for more deliveries after its first."""
+    deadline_grace_s: float = Field(default=10.0, ge=0)
+    """How long past a step's timeout the scheduler waits for the worker's own report
+    before it times the attempt out itself (a hung or unreachable worker)."""
+
+    def policy(self) -> Policy:
+        return Policy(crash_budget=self.crash_budget, deadline_grace_s=self.deadline_grace_s)

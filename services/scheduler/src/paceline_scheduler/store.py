@@ -11,7 +11,7 @@ from uuid import UUID
 import asyncpg
 
 from paceline_engine.definitions import Definition, parse_definition
-from paceline_engine.machine import HistoryEntry
+from paceline_engine.events import HistoryEntry
 from paceline_engine.state import InstanceState
 
 

@@ -1,0 +1,181 @@
+"""What the engine takes in (events) and gives out (decisions, history)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from paceline_contracts.messages import ActivityError
+from paceline_contracts.states import InstanceStatus
+
+# --- events ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """The instance was accepted; its inputs are already resolved."""
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityCompleted:
+    step: str
+    attempt: int
+    output: Any
+    server_id: str
+    started_at: datetime
+    finished_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityFailed:
+    step: str
+    attempt: int
+    error: ActivityError
+    server_id: str
+    started_at: datetime
+    finished_at: datetime
+    timed_out: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A worker is about to run an attempt (see DESIGN.md, "The rule, precisely")."""
+
+    step: str
+    attempt: int
+    server_id: str
+    at: datetime
+    redelivered: bool
+    delivery_count: int = 0
+    wants_reply: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    """A worker refused a delivery that had taken its workers down too often."""
+
+    step: str
+    attempt: int
+    deliveries: int
+    server_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeadlineExpired:
+    """The scheduler's own timer: the attempt should have ended by now."""
+
+    step: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Resolve:
+    """An operator's decision on a flagged activity."""
+
+    step: str
+    action: Literal["retry", "skip", "fail"]
+    output: Any = None
+    by: str = "operator"
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    reason: str
+
+
+Event = (
+    Start
+    | ActivityCompleted
+    | ActivityFailed
+    | Claim
+    | Quarantined
+    | DeadlineExpired
+    | Resolve
+    | Cancel
+)
+
+# --- decisions ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """Send one attempt of an activity to the workers, not before `not_before`."""
+
+    step: str
+    activity_type: str
+    params: dict[str, Any]
+    attempt: int
+    restartable: bool
+    timeout_s: float | None
+    not_before: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerClaim:
+    """Reply to the worker that claimed: run under `attempt`, or do not run at all."""
+
+    granted: bool
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetDeadline:
+    """Ask to be told (DeadlineExpired) if the attempt has not ended by `at`."""
+
+    step: str
+    attempt: int
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """The instance reached a final status."""
+
+    status: InstanceStatus
+
+
+Decision = Dispatch | AnswerClaim | SetDeadline | Finish
+
+
+class HistoryKind(StrEnum):
+    STARTED = "started"
+    DISPATCHED = "dispatched"
+    RETRY = "retry_scheduled"
+    CLAIMED = "claimed"
+    CLAIM_REFUSED = "claim_refused"
+    REDELIVERED = "redelivered"
+    RESTARTED = "restarted"
+    FLAGGED = "flagged"
+    RESOLVED = "resolved"
+    COMPLETED = "activity_completed"
+    FAILED = "activity_failed"
+    TIMED_OUT = "activity_timed_out"
+    BRANCH = "branch_taken"
+    LATE_RESULT = "late_result"
+    IGNORED = "ignored"
+    INSTANCE_COMPLETED = "instance_completed"
+    INSTANCE_FAILED = "instance_failed"
+    INSTANCE_CANCELLED = "instance_cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    kind: HistoryKind
+    reason: str
+    step: str | None = None
+    attempt: int | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Engine settings that are not part of any definition."""
+
+    crash_budget: int = 3
+    """Interruptions (redeliveries after a crash, time-outs) a restartable activity may have
+    before it is flagged; apart from the retry policy, which counts failures."""
+    deadline_grace_s: float = 10.0
+    """How long past a step's timeout the scheduler waits for the worker's own report."""

@@ -1,0 +1,74 @@
+"""Activities that wait for an operator, across instances (resolve them under /v1/instances)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, Query
+
+from paceline_admin import instance_store as store
+from paceline_admin.activities import flag_view
+from paceline_admin.auth import require_token
+from paceline_admin.instance_models import FlaggedActivity, FlagPage
+from paceline_admin.paging import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor
+from paceline_admin.params import Text
+from paceline_admin.problems import problem_responses
+from paceline_admin.resources import Db
+
+router = APIRouter(
+    prefix="/v1/flags",
+    tags=["flags"],
+    dependencies=[Depends(require_token)],
+    responses=problem_responses(401, 422, 500),
+)
+
+
+def _after(cursor: str) -> tuple[datetime, UUID, str]:
+    at, instance_id, step = decode_cursor(cursor, 3)
+    try:
+        return datetime.fromisoformat(at), UUID(instance_id), step
+    except ValueError as exc:
+        raise bad_cursor() from exc
+
+
+def _item(row: Any) -> FlaggedActivity:
+    activity: dict[str, Any] = row["activity"]
+    return FlaggedActivity(
+        instance_id=row["instance_id"],
+        definition=row["definition"],
+        version=row["version"],
+        step=row["step"],
+        type=activity.get("type", ""),
+        attempt=int(activity.get("attempt", 0)),
+        restartable=bool(activity.get("restartable", False)),
+        flag=flag_view(activity.get("flag")),
+        instance_url=f"/v1/instances/{row['instance_id']}",
+    )
+
+
+@router.get("", response_model=FlagPage)
+async def list_flags(
+    pool: Db,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+    definition: Annotated[str | None, Query(description="Only this definition."), Text] = None,
+) -> FlagPage:
+    """Every activity that waits for an operator: the INTERRUPTED activities of FLAGGED
+    instances, oldest flag first, a page at a time. Resolve one with
+    `POST /v1/instances/{id}/activities/{step}/resolve`."""
+    rows = await store.flag_page(
+        pool,
+        definition=definition,
+        after=_after(cursor) if cursor else None,
+        limit=limit + 1,
+    )
+    items = [_item(r) for r in rows[:limit]]
+    next_cursor = None
+    if len(rows) > limit:
+        last = rows[limit - 1]
+        next_cursor = encode_cursor(
+            [last["flagged_at"].isoformat(), str(last["instance_id"]), last["step"]]
+        )
+    return FlagPage(items=items, next_cursor=next_cursor)
