@@ -47,12 +47,8 @@ def main() -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     while not stopping:
-        for service in stack.services.values():
-            if not service.alive() and not stopping:
-                code = service.process.returncode if service.process else None
-                service.restarts += 1
-                say(f"{service.name} exited ({code}); restarting (restart {service.restarts})")
-                stack.start(service.name)
+        for service, code in stack.revive_dead():
+            say(f"{service.name} exited ({code}); restarting (restart {service.restarts})")
         time.sleep(0.5)
     say("stopping: letting in-flight work finish")
     stack.stop_all()

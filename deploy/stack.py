@@ -123,6 +123,17 @@ class Stack:
                 service.process.kill()
                 service.process.wait()
 
+    def revive_dead(self) -> list[tuple[Service, int | None]]:
+        """Start again every service whose process has ended; returns each with the exit
+        code of the process that ended."""
+        revived = []
+        for service in self.services.values():
+            if service.process is not None and not service.alive():
+                service.restarts += 1
+                revived.append((service, service.process.returncode))
+                self.start(service.name)
+        return revived
+
     def of_kind(self, kind: str) -> list[Service]:
         return [s for s in self.services.values() if s.kind == kind]
 

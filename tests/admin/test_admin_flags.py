@@ -177,6 +177,7 @@ async def test_resolve_sends_the_decision_to_the_scheduler(
         "action": action,
         "output": output,
         "by": "admin-token",
+        "attempt": 1,  # the flagged attempt: the scheduler ignores it for any other
     }
     assert message.type == "activity.resolve"
     # The decision is a span in the instance's own trace.

@@ -63,6 +63,8 @@ class ResolveActivity(Message):
     """The output a skipped activity is recorded with."""
     by: str = "operator"
     """Who decided, for the history."""
+    attempt: int | None = None
+    """The flagged attempt the operator saw: a decision about another one is ignored."""
 
 
 class CheckDeadline(Message):

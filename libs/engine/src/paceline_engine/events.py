@@ -78,6 +78,8 @@ class Resolve:
     action: Literal["retry", "skip", "fail"]
     output: Any = None
     by: str = "operator"
+    attempt: int | None = None
+    """The flagged attempt decided on; None: whatever is flagged now."""
 
 
 @dataclass(frozen=True, slots=True)

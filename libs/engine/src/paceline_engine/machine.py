@@ -213,14 +213,14 @@ class _Apply:
             )
             return
         lost = (
-            f"attempt {event.attempt} held by {holder} since {_at(since)} was redelivered "
+            f"attempt {activity.attempt} held by {holder} since {_at(since)} was redelivered "
             f"to {event.server_id} (delivery {event.delivery_count + 1})"
         )
         self.note(
             HistoryKind.REDELIVERED,
             lost,
             event.step,
-            event.attempt,
+            activity.attempt,
             server=holder,
             since=_at(since),
             to=event.server_id,
@@ -235,7 +235,7 @@ class _Apply:
                 holder,
                 since,
             )
-            self.answer(event, False, event.attempt, "flagged: it may have started elsewhere")
+            self.answer(event, False, activity.attempt, "flagged: it may have started elsewhere")
             return
         activity.interruptions += 1
         if activity.interruptions >= self.policy.crash_budget:
@@ -247,7 +247,7 @@ class _Apply:
                 holder,
                 since,
             )
-            self.answer(event, False, event.attempt, "flagged: crash budget exhausted")
+            self.answer(event, False, activity.attempt, "flagged: crash budget exhausted")
             return
         activity.attempt += 1
         self.hold(activity, event.step, event.server_id, event.at)
@@ -266,7 +266,7 @@ class _Apply:
             return f"the instance is {self.state.status}"
         if activity.status.is_final:
             return f"the activity is {activity.status}"
-        if event.attempt != activity.attempt:
+        if event.attempt not in (activity.attempt, activity.message_attempt):
             return (
                 f"attempt {event.attempt} is stale: the activity is at attempt {activity.attempt}"
             )
@@ -321,11 +321,16 @@ class _Apply:
             activity is None
             or activity.status is not ActivityStatus.INTERRUPTED
             or self.state.status.is_final
+            or event.attempt not in (None, activity.attempt)
         ):
+            why = "is not flagged"
+            if activity is not None and activity.status is ActivityStatus.INTERRUPTED:
+                why = f"is flagged at attempt {activity.attempt}, not {event.attempt}"
             self.note(
                 HistoryKind.IGNORED,
-                f"{event.by}'s {event.action} ignored: the activity is not flagged",
+                f"{event.by}'s {event.action} ignored: the activity {why}",
                 event.step,
+                event.attempt,
             )
             return
         self.note(
@@ -507,6 +512,7 @@ class _Apply:
             type=step.type,
             status=ActivityStatus.SCHEDULED,
             attempt=attempt,
+            message_attempt=attempt,
             restartable=restartable,
             reason=reason,
             interruptions=previous.interruptions if previous else 0,

@@ -37,6 +37,9 @@ class ActivityState(BaseModel):
     status: ActivityStatus
     attempt: int
     """The current attempt: the only one whose result advances the process."""
+    message_attempt: int = 0
+    """The attempt in the activity message going round; a redelivery restarts under a new
+    attempt without a new message, so a later claim of that message names this one."""
     restartable: bool
     """Effective restartability: the type's default or the author's override."""
     server_id: str | None = None

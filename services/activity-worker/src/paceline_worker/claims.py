@@ -2,7 +2,8 @@
 
 A non-restartable activity, and any redelivered one, runs only after the scheduler granted
 its claim; the reply says which attempt to run under. A first delivery of a restartable
-activity only sends a notice, so the scheduler knows which server held it if that server dies.
+activity only sends a notice (confirmed by the broker, not answered by the scheduler), so the
+scheduler knows which server held it if that server dies.
 """
 
 from __future__ import annotations

@@ -174,7 +174,9 @@ class ActivityRunner:
                         return
                     attempt = reply.attempt
                 else:
-                    self._spawn(self._claimer.notify(task))
+                    # Confirmed by the broker before anything runs: if this worker dies, the
+                    # scheduler learns who held the attempt (but no answer is awaited).
+                    await self._claimer.notify(task)
                 span.set_attribute("paceline.attempt.run", attempt)
                 flight.started = True
                 started_at = datetime.now(UTC)

@@ -298,6 +298,7 @@ async def resolve_activity(
         action=body.action,
         output=output,
         by=operator or subject,
+        attempt=activity.get("attempt"),
     )
     traceparent = target["traceparent"]
     # In the instance's own trace, so that the operator's decision shows up in it.

@@ -40,7 +40,9 @@ def to_event(message: Incoming) -> events.Event:
         case CancelInstance():
             return events.Cancel(message.reason)
         case ResolveActivity():
-            return events.Resolve(message.step, message.action, message.output, message.by)
+            return events.Resolve(
+                message.step, message.action, message.output, message.by, message.attempt
+            )
         case CheckDeadline():
             return events.DeadlineExpired(message.step, message.attempt)
         case ActivityQuarantined():

@@ -1,0 +1,141 @@
+"""Failover tests: each builds a stack of real processes shaped for its scenario, crashes
+parts of it with real signals, and checks what the operator would see."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from failover.effects import EffectServer
+from integration.conftest import wait_ready
+from integration.harness import StackEnv, drop_everything, queue_depths, wait_for
+from paceline_contracts.queues import Queue, queue_name
+from stack import Service, Stack
+
+FAST_LIVENESS = {
+    # Heartbeats of 2 s: a frozen worker is given up after about three of them.
+    "PACELINE_AMQP_HEARTBEAT_S": "2",
+    "PACELINE_WORKER_GRACE_S": "5",
+    "PACELINE_CRASH_BUDGET": "3",
+    "PACELINE_DEADLINE_GRACE_S": "2",
+}
+
+StackFactory = Callable[..., Awaitable[tuple[Stack, httpx.AsyncClient]]]
+
+
+@pytest.fixture
+async def effects() -> AsyncIterator[EffectServer]:
+    server = EffectServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def make_stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
+    """`await make_stack(workers=[{env}, ...])` -> (stack, api client)."""
+    made: list[tuple[StackEnv, Stack, httpx.AsyncClient]] = []
+
+    async def make(
+        workers: list[dict[str, str]] | None = None,
+    ) -> tuple[Stack, httpx.AsyncClient]:
+        env = StackEnv.fresh()
+        stack = Stack(env={**env.variables(), **FAST_LIVENESS}, log_dir=tmp_path / env.namespace)
+        stack.migrate()
+        stack.add("scheduler")
+        for worker_env in workers if workers is not None else [{}, {}]:
+            stack.add("activity-worker", **worker_env)
+        stack.add("reporting")
+        stack.add("admin")
+        await wait_ready(env, stack)
+        api = httpx.AsyncClient(
+            base_url=env.base_url, timeout=30, headers={"Authorization": f"Bearer {env.token}"}
+        )
+        made.append((env, stack, api))
+        return stack, api
+
+    yield make
+    for env, stack, api in made:
+        await api.aclose()
+        stack.stop_all(timeout=30)
+        if not os.environ.get("PACELINE_KEEP_TEST_DATA"):
+            await drop_everything(env)
+
+
+def service_of(stack: Stack, server_id: str) -> Service:
+    """The stack's service whose process is the server `server_id` (its id holds the pid)."""
+    match = re.search(r"-(\d+)-[0-9a-f]{6}$", server_id)
+    assert match, server_id
+    pid = int(match.group(1))
+    for service in stack.services.values():
+        if service.process is not None and service.process.pid == pid:
+            return service
+    raise AssertionError(f"no service of this stack is {server_id}")
+
+
+async def activity(api: httpx.AsyncClient, instance_id: str, step: str) -> dict:
+    body = (await api.get(f"/v1/instances/{instance_id}")).json()
+    return next((a for a in body["activities"] if a["step"] == step), {})
+
+
+async def wait_running(
+    api: httpx.AsyncClient, instance_id: str, step: str, timeout: float = 30
+) -> dict:
+    """Wait until `step` is claimed (RUNNING, with the server that holds it)."""
+
+    async def running() -> dict | None:
+        a = await activity(api, instance_id, step)
+        return a if a.get("status") == "RUNNING" and a.get("claimed_by") else None
+
+    return await wait_for(running, timeout, f"{step} to be running")
+
+
+async def wait_status(
+    api: httpx.AsyncClient, instance_id: str, status: str, timeout: float = 60
+) -> dict:
+    async def reached() -> dict | None:
+        body = (await api.get(f"/v1/instances/{instance_id}")).json()
+        return body if body["status"] == status else None
+
+    return await wait_for(reached, timeout, f"instance {instance_id} to be {status}")
+
+
+async def history(api: httpx.AsyncClient, instance_id: str) -> list[dict]:
+    body = (await api.get(f"/v1/instances/{instance_id}/history")).json()
+    return list(body["items"])
+
+
+async def define_and_start(
+    api: httpx.AsyncClient, definition: dict, inputs: dict | None = None
+) -> str:
+    created = await api.post("/v1/definitions", json=definition)
+    assert created.status_code == 201, created.text
+    started = await api.post(
+        "/v1/instances", json={"definition": definition["name"], "inputs": inputs or {}}
+    )
+    assert started.status_code == 202, started.text
+    return str(started.json()["id"])
+
+
+async def assert_work_queues_empty(stack: Stack) -> None:
+    namespace = stack.env["PACELINE_NAMESPACE"]
+    live = {queue_name(namespace, q) for q in Queue}
+
+    async def empty() -> dict[str, int] | None:
+        depths = await queue_depths(namespace)
+        return depths if live <= depths.keys() and not any(depths[q] for q in live) else None
+
+    await wait_for(empty, 30, "every work queue to be empty", interval=1.0)
+
+
+async def revive_until(stack: Stack, done: asyncio.Event) -> None:
+    """What `make run` does: start again any service that dies, until `done`."""
+    while not done.is_set():
+        stack.revive_dead()
+        await asyncio.sleep(0.2)
