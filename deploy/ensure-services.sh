@@ -274,6 +274,32 @@ rabbitmq_check_version() {
     fi
 }
 
+# Paceline holds an activity's message unacked until the activity ends: that is how a dead
+# worker's work comes back to a survivor. RabbitMQ closes a channel whose delivery stays unacked
+# past consumer_timeout (30 minutes by default), which would cut every longer activity short;
+# on 3.10 it is a server setting only (no per-queue argument before 3.12). Paceline watches
+# liveness itself (AMQP heartbeats, step timeouts, claims), so on a broker of this machine the
+# timeout is raised to a week: at once, and in rabbitmq.conf for the next start.
+CONSUMER_TIMEOUT_MS="${PACELINE_RABBITMQ_CONSUMER_TIMEOUT_MS:-604800000}"
+rabbitmq_consumer_timeout() {
+    have rabbitmqctl || return 0
+    local current conf=/etc/rabbitmq/rabbitmq.conf
+    current="$(timeout 20 rabbitmqctl eval 'application:get_env(rabbit, consumer_timeout).' 2>/dev/null | tr -d ' \n')" || current=""
+    if [ "$current" != "{ok,${CONSUMER_TIMEOUT_MS}}" ]; then
+        if timeout 20 rabbitmqctl eval "application:set_env(rabbit, consumer_timeout, ${CONSUMER_TIMEOUT_MS})." >/dev/null 2>&1; then
+            log "RabbitMQ consumer_timeout raised to ${CONSUMER_TIMEOUT_MS} ms (was ${current:-unknown}), so long activities keep their message"
+        else
+            warn "could not raise RabbitMQ's consumer_timeout: activities longer than it (30 min by default) would be redelivered; set consumer_timeout in ${conf}"
+            return 0
+        fi
+    fi
+    if [ -w "$(dirname "$conf")" ] && ! grep -qs '^[[:space:]]*consumer_timeout' "$conf"; then
+        printf '\n# Paceline: an activity holds its message unacked until it ends\nconsumer_timeout = %s\n' \
+            "$CONSUMER_TIMEOUT_MS" >> "$conf"
+        log "consumer_timeout = ${CONSUMER_TIMEOUT_MS} written to ${conf}"
+    fi
+}
+
 ensure_rabbitmq() {
     local host port shown hp fresh=0 why
     IFS=$'\t' read -r host port shown hp < <(
@@ -286,7 +312,10 @@ ensure_rabbitmq() {
 
     if can_connect "$host" "$port" 3; then
         log "RabbitMQ reachable at ${hp}"
-        is_local_host "$host" && rabbitmq_check_version
+        if is_local_host "$host"; then
+            rabbitmq_check_version
+            rabbitmq_consumer_timeout
+        fi
         return 0
     fi
     if ! is_local_host "$host"; then
@@ -333,6 +362,7 @@ ensure_rabbitmq() {
         log "RabbitMQ started; reachable at ${hp}"
     fi
     rabbitmq_check_version
+    rabbitmq_consumer_timeout
 }
 
 ensure_rabbitmq

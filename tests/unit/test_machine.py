@@ -533,16 +533,26 @@ def test_a_later_attempt_may_succeed() -> None:
     assert run.state.activities["x"].error is None
 
 
-def test_a_time_out_on_the_last_attempt_is_timed_out() -> None:
+def test_time_outs_count_against_the_crash_budget_not_the_retry_policy() -> None:
     run = Run.of(retried(max_attempts=2))
     run.start()
-    t = run.fail("x", "too slow", timed_out=True, kind="timeout")
-    assert [(d.step, d.attempt) for d in dispatches(t)] == [("x", 2)]
+    for attempt in (1, 2):
+        t = run.fail("x", f"too slow {attempt}", timed_out=True, kind="timeout")
+        # A new attempt at once (no backoff), even past the retry policy's 2 attempts.
+        assert t.decisions == [Dispatch("x", "noop", {"v": 1}, attempt + 1, True, None, None)]
+        assert kinds(t) == [HistoryKind.TIMED_OUT, HistoryKind.RETRY]
+        assert run.state.activities["x"].interruptions == attempt
+        assert run.status("x") is ActivityStatus.SCHEDULED
+        assert run.state.status is InstanceStatus.RUNNING
+    # The third time-out exhausts the default crash budget of 3.
     t = run.fail("x", "too slow again", timed_out=True, kind="timeout")
     assert t.decisions == [Finish(InstanceStatus.FAILED)]
+    assert kinds(t) == [HistoryKind.TIMED_OUT, HistoryKind.INSTANCE_FAILED]
     assert run.status("x") is ActivityStatus.TIMED_OUT
+    assert (run.attempt("x"), run.state.activities["x"].interruptions) == (3, 3)
     assert run.state.status is InstanceStatus.FAILED
     assert run.state.error == ActivityError(kind="timeout", message="too slow again")
+    assert "after" not in run.state.activities
 
 
 # --- late, duplicate and unknown results -------------------------------------------------------

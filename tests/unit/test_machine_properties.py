@@ -8,7 +8,9 @@ activities are on the taken path, what each must wait for, and what each `noop` 
 A random scheduler then drives the instance: at each turn it answers any outstanding dispatched
 attempt (completed, failed or timed out), or sends noise (a duplicate of an answered result, a
 result of a stale attempt, a result for a step never dispatched, a second Start) or a Cancel.
-Every transition is checked against the oracle.
+Every transition is checked against the oracle. Failures follow each step's retry policy;
+time-outs follow the engine's crash budget instead (a new attempt at once until the budget is
+spent, then TIMED_OUT). Claims and crashes are in test_machine_failover.py.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from hypothesis import strategies as st
 from paceline_contracts.messages import ActivityError
 from paceline_contracts.states import ActivityStatus, InstanceStatus
 from paceline_engine.definitions import Definition, parse_definition, resolve_inputs
-from paceline_engine.machine import (
+from paceline_engine.events import (
     ActivityCompleted,
     ActivityFailed,
     Cancel,
@@ -32,16 +34,17 @@ from paceline_engine.machine import (
     Event,
     Finish,
     HistoryKind,
+    Policy,
     Start,
-    Transition,
-    apply,
-    new_instance,
 )
+from paceline_engine.machine import Transition, apply, new_instance
 from paceline_engine.state import InstanceState
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 MAX_DEPTH = 3
 FINAL = {InstanceStatus.COMPLETED, InstanceStatus.FAILED, InstanceStatus.CANCELLED}
+CRASH_BUDGET = Policy().crash_budget
+"""Time-outs a step may have in all; `apply` is called without a policy, so the default."""
 
 # --- the generator and its oracle ----------------------------------------------------------------
 
@@ -67,6 +70,11 @@ class Act:
     @property
     def output(self) -> Any:
         return self.params if self.type == "noop" else {"slept": self.params["seconds"]}
+
+    @property
+    def most_attempts(self) -> int:
+        """Failures retried by the retry policy plus time-outs retried within the budget."""
+        return self.max_attempts + CRASH_BUDGET - 1
 
 
 @dataclass
@@ -256,6 +264,12 @@ class Scheduler:
     """The Cancel came while the instance ran (a later one is ignored)."""
     events: int = 0
     real_answers: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    """Step -> failures (not time-outs) reported for its current attempts so far."""
+    timeouts: dict[str, int] = field(default_factory=dict)
+    """Step -> time-outs reported so far: its interruptions."""
+    cause: str = ""
+    """The outcome of the result being sent: what a new attempt in reply is for."""
 
     def send(self, event: Event) -> Transition:
         self.now += timedelta(seconds=1)
@@ -301,8 +315,12 @@ class Scheduler:
         # (2) each (step, attempt) at most once, attempts 1, 2, 3 in order.
         previous = max((a for s, a in self.dispatched if s == d.step), default=0)
         assert d.attempt == previous + 1, (d.step, previous, d.attempt)
-        # (3) never more attempts than the retry policy allows.
-        assert d.attempt <= act.max_attempts
+        # (3) never more attempts than the retry policy and the crash budget allow: failures
+        # follow the retry policy, time-outs the crash budget.
+        assert d.attempt <= act.most_attempts
+        assert self.failures.get(d.step, 0) < act.max_attempts
+        assert self.timeouts.get(d.step, 0) < CRASH_BUDGET
+        assert d.attempt == 1 + self.failures.get(d.step, 0) + self.timeouts.get(d.step, 0)
         # (4) sequence order and the join: everything before it has completed.
         for pred in act.preds:
             assert state.activities[pred].status is ActivityStatus.COMPLETED, (d.step, pred)
@@ -313,8 +331,9 @@ class Scheduler:
         assert d.params == act.params
         assert d.activity_type == act.type
         assert d.restartable is True
+        # A retry after a failure waits for the backoff; a new attempt after a time-out does not.
         backoff = timedelta(seconds=act.backoff_s)
-        assert d.not_before == (None if d.attempt == 1 else self.now + backoff)
+        assert d.not_before == (self.now + backoff if self.cause == "failed" else None)
         activity = state.activities[d.step]
         assert (activity.attempt, activity.status) == (d.attempt, ActivityStatus.SCHEDULED)
         self.dispatched.append((d.step, d.attempt))
@@ -351,16 +370,35 @@ class Scheduler:
         assert (activity.attempt, activity.status) == (attempt, ActivityStatus.SCHEDULED)
         self.real_answers += 1
         act = self.oracle.acts[step]
+        counts = {"failed": self.failures, "timeout": self.timeouts}.get(outcome)
+        if counts is not None:
+            counts[step] = counts.get(step, 0) + 1
+        self.cause = outcome
         t = self.send(self.result(step, attempt, outcome))
+        self.cause = ""
         after = t.state.activities[step]
         if outcome == "completed":
             assert after.status is ActivityStatus.COMPLETED
             assert after.output == act.output
             return
         event_error = ActivityError(kind=outcome, message=f"{step} attempt {attempt}")
-        if attempt < act.max_attempts:
-            assert (step, attempt + 1) in self.outstanding, "a retry was due"
+        if outcome == "timeout":
+            assert after.interruptions == self.timeouts[step]
+            retry_due: bool | None = self.timeouts[step] < CRASH_BUDGET
+        elif self.failures[step] >= act.max_attempts:
+            retry_due = False  # the retry policy is spent
+        elif attempt < act.max_attempts:
+            retry_due = True
+        else:
+            # Failures left, but time-outs used up the attempt numbers: the engine fails it
+            # (see test_machine_failover.py::test_a_failure_after_a_time_out_still_gets_its_retries,
+            # a strict xfail); accept either until that is settled.
+            retry_due = None
+        retried = (step, attempt + 1) in self.outstanding
+        assert retry_due is None or retried is retry_due, (step, attempt, outcome, retry_due)
+        if retried:
             assert t.state.status is InstanceStatus.RUNNING
+            assert (after.attempt, after.status) == (attempt + 1, ActivityStatus.SCHEDULED)
         else:
             # The last failure fails the instance, with that activity's error.
             assert t.decisions == [Finish(InstanceStatus.FAILED)]
@@ -406,8 +444,8 @@ def test_random_definitions_under_a_random_scheduler(
         assert t.history[0].kind is HistoryKind.STARTED
 
     # Each real answer either ends an attempt for good or leads to the next one, so this is
-    # bounded by the sum of the path's retry policies; the cap only stops a runaway engine.
-    bound = sum(a.max_attempts for a in oracle.path) + noise_left + 2
+    # bounded by the path's retry policies and crash budgets; the cap only stops a runaway engine.
+    bound = sum(a.most_attempts for a in oracle.path) + noise_left + 2
     for _ in range(4 * bound):
         if cancel_at is not None and s.events >= cancel_at and not s.cancel_sent:
             s.cancel()
@@ -431,7 +469,7 @@ def test_random_definitions_under_a_random_scheduler(
     assert not s.outstanding
     assert s.state.status in FINAL, s.state.status
     assert s.finish == Finish(s.state.status)
-    assert s.real_answers <= sum(a.max_attempts for a in oracle.path)
+    assert s.real_answers <= sum(a.most_attempts for a in oracle.path)
     final = [a for a in s.state.activities.values() if a.status.is_final]
     assert len(final) == len(s.state.activities)
 
@@ -439,6 +477,7 @@ def test_random_definitions_under_a_random_scheduler(
     event(f"activities on the path: {len(oracle.path) if len(oracle.path) < 5 else '5+'}")
     event(f"conditions and parallels on the path: {bool(oracle.taken)}, {bool(oracle.inside)}")
     event(f"retried: {any(a > 1 for _, a in s.dispatched)}")
+    event(f"timed out: {sum(s.timeouts.values()) if sum(s.timeouts.values()) < 3 else '3+'}")
     if s.state.status is InstanceStatus.COMPLETED:
         # (5) every activity on the taken path completed; nothing else was ever dispatched.
         assert set(s.state.activities) == {a.id for a in oracle.path}

@@ -1,0 +1,87 @@
+"""A worker whose connection drops keeps running what it runs, and runs it once."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import uuid
+
+import pytest
+
+from failover.conftest import (
+    StackFactory,
+    assert_work_queues_empty,
+    define_and_start,
+    history,
+    wait_running,
+    wait_status,
+)
+from failover.effects import EffectServer
+from integration.harness import wait_for
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not shutil.which("rabbitmqctl"), reason="needs the broker's rabbitmqctl"),
+]
+
+
+async def _rabbitmqctl(*args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        "rabbitmqctl",
+        "-q",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return out.decode()
+
+
+async def test_dropped_connection_does_not_stop_or_repeat_the_activity(
+    make_stack: StackFactory, effects: EffectServer
+) -> None:
+    stack, api = await make_stack(workers=[{}])  # one worker: the message can only come back
+    key = uuid.uuid4().hex[:8]
+    instance_id = await define_and_start(
+        api,
+        {
+            "name": f"blip-{uuid.uuid4().hex[:6]}",
+            "inputs": {"key": {"type": "string"}},
+            "steps": [
+                {
+                    "id": "push",
+                    "type": "http.request",
+                    "with": {
+                        "method": "POST",
+                        "url": f"{effects.url}/effect/${{inputs.key}}?hold=6",
+                    },
+                }
+            ],
+        },
+        {"key": key},
+    )
+    worker_id = (await wait_running(api, instance_id, "push"))["claimed_by"]
+    await wait_for(lambda: effects.count(f"/effect/{key}") == 1, 10, "the POST to arrive")
+
+    connections = await _rabbitmqctl("list_connections", "pid", "client_properties")
+    pids = [line.split()[0] for line in connections.splitlines() if worker_id in line]
+    assert len(pids) == 1, connections
+    await _rabbitmqctl("close_connection", pids[0], "test: a network blip")
+
+    done = await wait_status(api, instance_id, "COMPLETED", timeout=60)
+    push = done["activities"][0]
+    assert push["attempts"] == 1
+    assert push["server"] == worker_id
+    assert push["output"]["status"] == 200, "the request was not cancelled by the drop"
+    assert effects.count(f"/effect/{key}") == 1, "and it ran once"
+    kinds = [h["kind"] for h in await history(api, instance_id)]
+    assert "flagged" not in kinds
+    assert "redelivered" not in kinds
+    await assert_work_queues_empty(stack)
+
+
+async def test_broker_consumer_timeout_does_not_cut_long_activities() -> None:
+    # deploy/ensure-services.sh (run by `make test` and `make run`) raises it on this broker.
+    setting = await _rabbitmqctl("eval", "application:get_env(rabbit, consumer_timeout).")
+    value = int(setting.strip().removeprefix("{ok,").removesuffix("}"))
+    assert value >= 24 * 3600 * 1000

@@ -1,0 +1,1431 @@
+"""The failover rule in the engine (DESIGN.md, "The rule, precisely"), example by example, and a
+property over arbitrary interleavings of claims, results, crashes and operator decisions.
+
+Each example checks the state, the decisions and the history (kinds and reasons) a transition
+leaves: a flag or a restart must say which server held the attempt, since when, and which
+attempt it was.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from paceline_contracts.messages import ActivityError
+from paceline_contracts.states import ActivityStatus, InstanceStatus
+from paceline_engine.definitions import Definition, parse_definition
+from paceline_engine.events import (
+    ActivityCompleted,
+    ActivityFailed,
+    AnswerClaim,
+    Cancel,
+    Claim,
+    DeadlineExpired,
+    Decision,
+    Dispatch,
+    Event,
+    Finish,
+    HistoryEntry,
+    HistoryKind,
+    Policy,
+    Quarantined,
+    Resolve,
+    SetDeadline,
+    Start,
+)
+from paceline_engine.machine import Transition, apply, new_instance
+from paceline_engine.state import Flag, InstanceState
+
+T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
+S = timedelta(seconds=1)
+GRACE = timedelta(seconds=Policy().deadline_grace_s)
+
+
+def noop(step_id: str, **extra: Any) -> dict[str, Any]:
+    return {"id": step_id, "type": "noop", "with": {"v": step_id}, **extra}
+
+
+def shell(step_id: str, **extra: Any) -> dict[str, Any]:
+    """Not restartable: a shell command may have had its effect."""
+    return {"id": step_id, "type": "shell.command", "with": {"argv": ["deploy", step_id]}, **extra}
+
+
+def parse(*steps: dict[str, Any]) -> Definition:
+    return parse_definition({"name": "t", "steps": list(steps)})
+
+
+def dump(state: InstanceState) -> str:
+    return json.dumps(state.model_dump(mode="json"), sort_keys=True)
+
+
+@dataclass
+class Run:
+    """One instance driven event by event; every `send` checks that `apply` left the state it
+    was given as it was."""
+
+    definition: Definition
+    policy: Policy | None = None
+    state: InstanceState = field(default_factory=lambda: new_instance({}))
+    now: datetime = T0
+    last: Transition | None = None
+
+    def send(self, event: Event) -> Transition:
+        self.now += timedelta(seconds=1)
+        before = dump(self.state)
+        t = apply(self.definition, self.state, event, self.now, self.policy)
+        assert dump(self.state) == before, "apply changed the state it was given"
+        self.state, self.last = t.state, t
+        return t
+
+    def start(self) -> Transition:
+        return self.send(Start())
+
+    def claim(
+        self,
+        step: str,
+        server: str,
+        attempt: int | None = None,
+        *,
+        redelivered: bool = False,
+        delivery_count: int = 0,
+        wants_reply: bool = True,
+    ) -> Transition:
+        attempt = self.attempt(step) if attempt is None else attempt
+        at = self.now + timedelta(seconds=1)  # the moment `send` applies it
+        return self.send(Claim(step, attempt, server, at, redelivered, delivery_count, wants_reply))
+
+    def crash(
+        self, step: str, to: str, attempt: int | None = None, deliveries: int = 1
+    ) -> Transition:
+        """The holder of `step` died: the broker hands its message to `to`."""
+        return self.claim(step, to, attempt, redelivered=True, delivery_count=deliveries)
+
+    def complete(
+        self, step: str, output: Any = None, attempt: int | None = None, server: str = "w1"
+    ) -> Transition:
+        attempt = self.attempt(step) if attempt is None else attempt
+        return self.send(ActivityCompleted(step, attempt, output, server, self.now, self.now))
+
+    def fail(
+        self,
+        step: str,
+        message: str = "boom",
+        attempt: int | None = None,
+        server: str = "w1",
+        timed_out: bool = False,
+    ) -> Transition:
+        attempt = self.attempt(step) if attempt is None else attempt
+        error = ActivityError(kind="timeout" if timed_out else "adapter", message=message)
+        return self.send(
+            ActivityFailed(step, attempt, error, server, self.now, self.now, timed_out)
+        )
+
+    def deadline(self, step: str, attempt: int | None = None) -> Transition:
+        attempt = self.attempt(step) if attempt is None else attempt
+        return self.send(DeadlineExpired(step, attempt))
+
+    def resolve(
+        self, step: str, action: Literal["retry", "skip", "fail"], output: Any = None
+    ) -> Transition:
+        return self.send(Resolve(step, action, output, by="alice"))
+
+    def quarantine(self, step: str, deliveries: int = 4, server: str = "w9") -> Transition:
+        return self.send(Quarantined(step, self.attempt(step), deliveries, server))
+
+    def attempt(self, step: str) -> int:
+        return self.state.activities[step].attempt if step in self.state.activities else 1
+
+    def status(self, step: str) -> ActivityStatus:
+        return self.state.activities[step].status
+
+
+def kinds(t: Transition) -> list[HistoryKind]:
+    return [h.kind for h in t.history]
+
+
+def entry(t: Transition, kind: HistoryKind) -> HistoryEntry:
+    (found,) = [h for h in t.history if h.kind is kind]
+    return found
+
+
+def dispatches(t: Transition) -> list[Dispatch]:
+    return [d for d in t.decisions if isinstance(d, Dispatch)]
+
+
+def same_decisions(t: Transition, *expected: Decision) -> None:
+    """The decisions, in any order."""
+    assert len(t.decisions) == len(expected), t.decisions
+    for d in expected:
+        assert d in t.decisions, (d, t.decisions)
+
+
+def assert_only_recorded(before: InstanceState, t: Transition, *history: HistoryKind) -> None:
+    """The state is as it was, nothing is decided, and the history says only this."""
+    assert dump(t.state) == dump(before)
+    assert [d for d in t.decisions if not isinstance(d, AnswerClaim)] == []
+    assert t.changed_steps == frozenset()
+    assert kinds(t) == list(history)
+
+
+def flagged_shell(*more: dict[str, Any], timeout: str | None = None) -> Run:
+    """`x` (a shell command) claimed by w1, whose message w2 then received: flagged."""
+    extra = {"timeout": timeout} if timeout else {}
+    run = Run(parse(shell("x", **extra), *more))
+    run.start()
+    run.claim("x", "w1")
+    run.crash("x", "w2")
+    assert run.status("x") is ActivityStatus.INTERRUPTED
+    return run
+
+
+# --- claims -------------------------------------------------------------------------------------
+
+
+def test_a_first_claim_is_granted_holds_the_attempt_and_sets_its_deadline() -> None:
+    run = Run(parse(shell("x", timeout="1m")))
+    run.start()
+    t = run.claim("x", "w1")
+    at = run.now
+    same_decisions(t, AnswerClaim(True, 1, "granted"), SetDeadline("x", 1, at + 60 * S + GRACE))
+    x = run.state.activities["x"]
+    assert (x.status, x.attempt, x.claimed_by, x.claimed_at) == (
+        ActivityStatus.RUNNING,
+        1,
+        "w1",
+        at,
+    )
+    assert (x.server_id, x.started_at, x.flag, x.interruptions) == ("w1", at, None, 0)
+    assert kinds(t) == [HistoryKind.CLAIMED]
+    claimed = t.history[0]
+    assert (claimed.step, claimed.attempt, claimed.data) == ("x", 1, {"server": "w1"})
+    assert claimed.reason == "attempt 1 claimed by w1"
+    assert t.changed_steps == {"x"}
+    assert run.state.status is InstanceStatus.RUNNING
+
+
+def test_the_deadline_allows_the_policys_grace() -> None:
+    run = Run(parse(shell("x", timeout="30s")), Policy(deadline_grace_s=0.5))
+    run.start()
+    t = run.claim("x", "w1")
+    assert SetDeadline("x", 1, run.now + 30.5 * S) in t.decisions
+
+
+def test_a_start_notice_without_a_reply_holds_the_attempt_silently() -> None:
+    """A restartable first delivery only tells the scheduler who runs it."""
+    run = Run(parse(noop("x")))
+    run.start()
+    t = run.claim("x", "w1", wants_reply=False)
+    assert t.decisions == []  # no reply wanted, and no timeout: no deadline either
+    assert kinds(t) == [HistoryKind.CLAIMED]
+    x = run.state.activities["x"]
+    assert (x.status, x.claimed_by, x.claimed_at) == (ActivityStatus.RUNNING, "w1", run.now)
+
+
+def test_a_redelivered_claim_of_an_attempt_never_claimed_is_granted() -> None:
+    """It was only prefetched by the worker that died: it provably never began."""
+    run = Run(parse(shell("x")))
+    run.start()
+    t = run.claim("x", "w2", redelivered=True, delivery_count=1)
+    assert t.decisions == [AnswerClaim(True, 1, "granted")]
+    assert kinds(t) == [HistoryKind.CLAIMED]
+    assert "w2" in t.history[0].reason
+    assert "never started" in t.history[0].reason
+    assert run.state.activities["x"].claimed_by == "w2"
+    assert run.state.activities["x"].interruptions == 0
+    assert run.state.status is InstanceStatus.RUNNING
+
+
+@pytest.mark.parametrize("redelivered", [False, True])
+def test_a_claim_again_by_the_holder_is_granted_again_and_records_nothing(
+    redelivered: bool,
+) -> None:
+    run = Run(parse(shell("x", timeout="1m")))
+    run.start()
+    run.claim("x", "w1")
+    before = run.state
+    t = run.claim("x", "w1", redelivered=redelivered, delivery_count=int(redelivered))
+    assert t.decisions == [AnswerClaim(True, 1, "granted")]
+    assert t.history == []
+    assert dump(t.state) == dump(before)  # still held since the first claim
+    assert t.changed_steps == frozenset()
+
+
+@pytest.mark.parametrize("make", [noop, shell])
+def test_a_duplicate_delivery_to_another_server_is_refused_and_flags_nothing(make: Any) -> None:
+    run = Run(parse(make("x")))
+    run.start()
+    run.claim("x", "w1")
+    before = run.state
+    t = run.claim("x", "w2")
+    assert_only_recorded(before, t, HistoryKind.CLAIM_REFUSED)
+    (answer,) = t.decisions
+    assert answer == AnswerClaim(False, 1, "attempt 1 is already claimed by w1")
+    assert t.history[0].reason == "w2: attempt 1 is already claimed by w1 (a duplicate delivery)"
+    assert (t.history[0].step, t.history[0].attempt) == ("x", 1)
+    assert run.state.status is InstanceStatus.RUNNING
+
+
+def test_a_non_restartable_attempt_redelivered_after_its_holder_died_is_flagged() -> None:
+    run = Run(parse(shell("x", timeout="1m"), noop("after")))
+    run.start()
+    run.claim("x", "w1")
+    since = run.now
+    t = run.crash("x", "w2", deliveries=1)
+    # Not run: refused, and nothing dispatched in its place.
+    assert t.decisions == [AnswerClaim(False, 1, "flagged: it may have started elsewhere")]
+    assert kinds(t) == [HistoryKind.REDELIVERED, HistoryKind.FLAGGED]
+    lost = (
+        f"attempt 1 held by w1 since {since.isoformat(timespec='milliseconds')} "
+        "was redelivered to w2 (delivery 2)"
+    )
+    redelivered = entry(t, HistoryKind.REDELIVERED)
+    assert (redelivered.step, redelivered.attempt, redelivered.reason) == ("x", 1, lost)
+    assert redelivered.data == {
+        "server": "w1",
+        "since": since.isoformat(timespec="milliseconds"),
+        "to": "w2",
+        "delivery": 2,
+    }
+    flagged = entry(t, HistoryKind.FLAGGED)
+    reason = f"{lost}: it may have started, and it is not restartable"
+    assert (flagged.step, flagged.attempt, flagged.reason) == ("x", 1, reason)
+    assert flagged.data == {"flag": "redelivered"}
+    x = run.state.activities["x"]
+    assert x.status is ActivityStatus.INTERRUPTED
+    assert x.flag == Flag(
+        kind="redelivered",
+        reason=reason,
+        attempt=1,
+        server_id="w1",
+        held_since=since,
+        flagged_at=run.now,
+    )
+    assert x.reason == reason
+    assert (x.attempt, x.claimed_by, x.interruptions) == (1, "w1", 0)
+    assert run.state.status is InstanceStatus.FLAGGED
+    assert "after" not in run.state.activities
+    assert t.changed_steps == {"x"}
+
+
+def test_an_author_can_make_a_restartable_type_non_restartable() -> None:
+    run = Run(parse(noop("x", restartable=False)))
+    run.start()
+    run.claim("x", "w1", wants_reply=True)
+    t = run.crash("x", "w2")
+    assert kinds(t) == [HistoryKind.REDELIVERED, HistoryKind.FLAGGED]
+    assert run.status("x") is ActivityStatus.INTERRUPTED
+
+
+def test_a_restartable_attempt_redelivered_after_its_holder_died_runs_again() -> None:
+    run = Run(parse(noop("x", timeout="30s"), noop("after")))
+    run.start()
+    run.claim("x", "w1", wants_reply=False)
+    since = run.now
+    t = run.crash("x", "w2", deliveries=1)
+    at = run.now
+    # A new attempt held at once by w2, which runs it: no new message is dispatched.
+    same_decisions(
+        t,
+        AnswerClaim(True, 2, "restarted as attempt 2"),
+        SetDeadline("x", 2, at + 30 * S + GRACE),
+    )
+    assert kinds(t) == [HistoryKind.REDELIVERED, HistoryKind.RESTARTED]
+    redelivered = entry(t, HistoryKind.REDELIVERED)
+    assert redelivered.reason == (
+        f"attempt 1 held by w1 since {since.isoformat(timespec='milliseconds')} "
+        "was redelivered to w2 (delivery 2)"
+    )
+    restarted = entry(t, HistoryKind.RESTARTED)
+    assert (restarted.step, restarted.attempt) == ("x", 2)
+    assert restarted.reason == "restartable: running again as attempt 2 on w2"
+    x = run.state.activities["x"]
+    assert (x.status, x.attempt, x.interruptions) == (ActivityStatus.RUNNING, 2, 1)
+    assert (x.claimed_by, x.claimed_at, x.server_id, x.started_at) == ("w2", at, "w2", at)
+    assert x.flag is None
+    assert run.state.status is InstanceStatus.RUNNING
+
+    # w1 was alive after all: its result is late. w2's counts.
+    before = run.state
+    t = run.complete("x", "w1's", attempt=1, server="w1")
+    assert_only_recorded(before, t, HistoryKind.LATE_RESULT)
+    assert t.history[0].reason.startswith("attempt 1 completed on w1, late")
+    t = run.complete("x", "w2's", attempt=2, server="w2")
+    assert [d.step for d in dispatches(t)] == ["after"]
+    assert run.state.activities["x"].output == "w2's"
+
+
+def test_redeliveries_and_time_outs_share_the_crash_budget() -> None:
+    run = Run(parse(noop("x", timeout="30s")))
+    run.start()
+    run.claim("x", "w1", wants_reply=False)
+    run.deadline("x")  # interruption 1: attempt 2
+    run.claim("x", "w2", wants_reply=False)
+    run.fail("x", "slow", server="w2", timed_out=True)  # interruption 2: attempt 3
+    assert run.state.activities["x"].interruptions == 2
+    run.claim("x", "w3", wants_reply=False)
+    since = run.now
+    t = run.crash("x", "w4", deliveries=1)  # interruption 3 of 3: flagged, not run
+    assert t.decisions == [AnswerClaim(False, 3, "flagged: crash budget exhausted")]
+    assert kinds(t) == [HistoryKind.REDELIVERED, HistoryKind.FLAGGED]
+    x = run.state.activities["x"]
+    assert (x.status, x.attempt, x.interruptions) == (ActivityStatus.INTERRUPTED, 3, 3)
+    assert x.flag is not None
+    assert (x.flag.kind, x.flag.attempt, x.flag.server_id, x.flag.held_since) == (
+        "crash_budget",
+        3,
+        "w3",
+        since,
+    )
+    assert x.flag.reason.startswith("crash budget exhausted: interrupted 3 times; last: ")
+    assert "attempt 3 held by w3" in x.flag.reason
+    assert "redelivered to w4" in x.flag.reason
+    assert entry(t, HistoryKind.FLAGGED).reason == x.flag.reason
+    assert run.state.status is InstanceStatus.FLAGGED
+
+
+def test_a_crash_budget_of_one_flags_the_first_redelivery() -> None:
+    run = Run(parse(noop("x")), Policy(crash_budget=1))
+    run.start()
+    run.claim("x", "w1", wants_reply=False)
+    t = run.crash("x", "w2")
+    assert t.decisions == [AnswerClaim(False, 1, "flagged: crash budget exhausted")]
+    assert run.state.activities["x"].flag is not None
+    assert run.state.activities["x"].flag.kind == "crash_budget"  # type: ignore[union-attr]
+    assert run.state.status is InstanceStatus.FLAGGED
+
+
+def _stale(run: Run) -> tuple[str, int]:
+    run.fail("x")  # attempt 2 is dispatched
+    return "x", 1
+
+
+def _final_activity(run: Run) -> tuple[str, int]:
+    run.complete("x")
+    return "x", 1
+
+
+def _final_instance(run: Run) -> tuple[str, int]:
+    run.send(Cancel("stop"))
+    return "x", 1
+
+
+def _flagged(run: Run) -> tuple[str, int]:
+    run.claim("x", "w1")
+    run.crash("x", "w2")
+    return "x", 1
+
+
+def _never_dispatched(run: Run) -> tuple[str, int]:
+    return "after", 1
+
+
+@pytest.mark.parametrize(
+    ("setup", "server", "because"),
+    [
+        (_stale, "w9", "attempt 1 is stale: the activity is at attempt 2"),
+        (_final_activity, "w9", "the activity is COMPLETED"),
+        (_final_instance, "w9", "the instance is CANCELLED"),
+        (_flagged, "w3", "the activity is flagged, waiting for an operator"),
+        (_flagged, "w1", "the activity is flagged, waiting for an operator"),
+        (_never_dispatched, "w9", "no such activity was dispatched"),
+    ],
+)
+@pytest.mark.parametrize("redelivered", [False, True])
+def test_a_claim_that_cannot_be_run_is_refused(
+    setup: Any, server: str, because: str, redelivered: bool
+) -> None:
+    run = Run(parse(shell("x", retry={"max_attempts": 2}), noop("after")))
+    run.start()
+    step, attempt = setup(run)
+    before = run.state
+    t = run.claim(step, server, attempt, redelivered=redelivered, delivery_count=1)
+    assert_only_recorded(before, t, HistoryKind.CLAIM_REFUSED)
+    assert t.decisions == [AnswerClaim(False, attempt, because)]
+    refused = t.history[0]
+    assert (refused.step, refused.attempt, refused.reason) == (
+        step,
+        attempt,
+        f"{server}: {because}",
+    )
+
+
+# --- results ------------------------------------------------------------------------------------
+
+
+def test_a_result_of_the_current_attempt_counts_before_any_claim() -> None:
+    run = Run(parse(noop("x"), noop("after")))
+    run.start()
+    t = run.complete("x", "done")
+    assert run.status("x") is ActivityStatus.COMPLETED
+    assert [d.step for d in dispatches(t)] == ["after"]
+    assert kinds(t) == [HistoryKind.COMPLETED, HistoryKind.DISPATCHED]
+
+
+def test_a_late_success_of_a_flagged_attempt_resolves_the_flag() -> None:
+    run = flagged_shell(noop("after"))
+    t = run.complete("x", {"ok": True}, attempt=1, server="w1")
+    assert kinds(t) == [HistoryKind.RESOLVED, HistoryKind.COMPLETED, HistoryKind.DISPATCHED]
+    resolved = entry(t, HistoryKind.RESOLVED)
+    assert (resolved.step, resolved.attempt) == ("x", 1)
+    assert "w1" in resolved.reason
+    assert "the flag resolves itself" in resolved.reason
+    x = run.state.activities["x"]
+    assert (x.status, x.output, x.flag) == (ActivityStatus.COMPLETED, {"ok": True}, None)
+    assert run.state.status is InstanceStatus.RUNNING
+    assert [d.step for d in dispatches(t)] == ["after"]
+    run.complete("after")
+    assert run.state.status is InstanceStatus.COMPLETED
+
+
+def test_a_late_failure_of_a_flagged_attempt_resolves_the_flag_and_follows_the_retry_policy() -> (
+    None
+):
+    run = Run(parse(shell("x", retry={"max_attempts": 2, "backoff": "5s"})))
+    run.start()
+    run.claim("x", "w1")
+    run.crash("x", "w2")
+    t = run.fail("x", "exit 3", attempt=1)
+    assert kinds(t) == [HistoryKind.RESOLVED, HistoryKind.FAILED, HistoryKind.RETRY]
+    assert "the flag resolves itself" in t.history[0].reason
+    assert t.decisions == [
+        Dispatch("x", "shell.command", {"argv": ["deploy", "x"]}, 2, False, None, run.now + 5 * S)
+    ]
+    assert run.state.status is InstanceStatus.RUNNING
+    assert run.state.activities["x"].flag is None
+    # The last attempt fails for good.
+    run.claim("x", "w3")
+    t = run.fail("x", "exit 3 again", server="w3")
+    assert t.decisions == [Finish(InstanceStatus.FAILED)]
+    assert run.status("x") is ActivityStatus.FAILED
+
+
+def test_the_instance_stays_flagged_while_another_activity_is_flagged() -> None:
+    run = Run(parse({"id": "p", "parallel": [[shell("a")], [shell("b")]]}, noop("after")))
+    run.start()
+    for step in ("a", "b"):
+        run.claim(step, "w1")
+        run.crash(step, "w2")
+    assert run.state.status is InstanceStatus.FLAGGED
+    t = run.complete("a", attempt=1)
+    assert kinds(t)[:2] == [HistoryKind.RESOLVED, HistoryKind.COMPLETED]
+    assert run.status("a") is ActivityStatus.COMPLETED
+    assert run.state.status is InstanceStatus.FLAGGED, "b is still flagged"
+    assert dispatches(t) == []
+    t = run.complete("b", attempt=1)
+    assert run.state.status is InstanceStatus.RUNNING
+    assert [d.step for d in dispatches(t)] == ["after"]
+
+
+def test_a_result_of_another_attempt_of_a_flagged_activity_is_only_recorded() -> None:
+    run = Run(parse(noop("x")))
+    run.start()
+    run.claim("x", "w1", wants_reply=False)
+    run.crash("x", "w2")  # attempt 2 on w2
+    run.crash("x", "w3", attempt=2)  # attempt 3 on w3
+    run.crash("x", "w4", attempt=3)  # crash budget: flagged at attempt 3
+    assert run.state.status is InstanceStatus.FLAGGED
+    before = run.state
+    for attempt in (1, 2, 4):
+        t = run.complete("x", attempt=attempt, server="w2")
+        assert_only_recorded(before, t, HistoryKind.LATE_RESULT)
+        assert (t.history[0].attempt, t.history[0].data) == (attempt, {"server": "w2"})
+    assert_only_recorded(before, run.fail("x", attempt=2), HistoryKind.LATE_RESULT)
+    assert_only_recorded(before, run.fail("x", attempt=1, timed_out=True), HistoryKind.LATE_RESULT)
+
+
+@pytest.mark.parametrize("action", ["retry", "skip", "fail"])
+def test_the_first_attempts_result_after_an_operator_decided_is_only_recorded(
+    action: Literal["retry", "skip", "fail"],
+) -> None:
+    run = flagged_shell(noop("after"))
+    run.resolve("x", action)
+    before = run.state
+    assert_only_recorded(before, run.complete("x", attempt=1), HistoryKind.LATE_RESULT)
+    assert_only_recorded(before, run.fail("x", attempt=1), HistoryKind.LATE_RESULT)
+
+
+# --- time-outs ----------------------------------------------------------------------------------
+
+
+def test_a_time_out_of_a_non_restartable_attempt_flags_it() -> None:
+    run = Run(parse(shell("x", retry={"max_attempts": 3})))
+    run.start()
+    run.claim("x", "w1")
+    since = run.now
+    t = run.fail("x", "ran longer than its timeout", server="w1", timed_out=True)
+    assert t.decisions == []  # not retried, whatever the retry policy says
+    assert kinds(t) == [HistoryKind.FLAGGED]
+    x = run.state.activities["x"]
+    assert x.status is ActivityStatus.INTERRUPTED
+    assert x.flag is not None
+    assert (x.flag.kind, x.flag.attempt, x.flag.server_id, x.flag.held_since) == (
+        "timeout",
+        1,
+        "w1",
+        since,
+    )
+    assert x.flag.reason == (
+        "attempt 1 on w1 timed out: ran longer than its timeout; "
+        "it may have had its effect, and it is not restartable"
+    )
+    assert t.history[0].reason == x.flag.reason
+    assert x.error == ActivityError(kind="timeout", message="ran longer than its timeout")
+    assert x.interruptions == 0
+    assert run.state.status is InstanceStatus.FLAGGED
+
+
+def test_a_deadline_of_a_running_non_restartable_attempt_flags_it() -> None:
+    run = Run(parse(shell("x", timeout="1m")))
+    run.start()
+    run.claim("x", "w1")
+    t = run.deadline("x")
+    assert t.decisions == []
+    assert kinds(t) == [HistoryKind.FLAGGED]
+    x = run.state.activities["x"]
+    assert x.flag is not None
+    assert (x.flag.kind, x.flag.server_id, x.flag.attempt) == ("timeout", "w1", 1)
+    assert x.flag.reason.startswith("attempt 1 on w1 sent no result within its timeout of 60s")
+    assert run.state.status is InstanceStatus.FLAGGED
+
+
+def test_a_deadline_of_a_running_restartable_attempt_dispatches_a_new_one() -> None:
+    run = Run(parse(noop("x", timeout="30s", retry={"max_attempts": 1, "backoff": "9s"})))
+    run.start()
+    run.claim("x", "w1", wants_reply=False)
+    t = run.deadline("x")
+    # At once (no backoff), though the retry policy allows a single attempt.
+    assert t.decisions == [Dispatch("x", "noop", {"v": "x"}, 2, True, 30.0, None)]
+    assert kinds(t) == [HistoryKind.TIMED_OUT, HistoryKind.RETRY]
+    timed_out = entry(t, HistoryKind.TIMED_OUT)
+    assert (timed_out.step, timed_out.attempt) == ("x", 1)
+    assert timed_out.reason == "attempt 1 on w1 sent no result within its timeout of 30s"
+    assert "1 of 3" in entry(t, HistoryKind.RETRY).reason
+    x = run.state.activities["x"]
+    assert (x.status, x.attempt, x.interruptions, x.claimed_by) == (
+        ActivityStatus.SCHEDULED,
+        2,
+        1,
+        None,
+    )
+    assert run.state.status is InstanceStatus.RUNNING
+
+
+def test_time_outs_past_the_crash_budget_time_out_the_activity_and_fail_the_instance() -> None:
+    run = Run(parse(noop("x", timeout="30s")), Policy(crash_budget=2))
+    run.start()
+    run.claim("x", "w1", wants_reply=False)
+    run.deadline("x")
+    run.claim("x", "w2", wants_reply=False)
+    t = run.deadline("x")
+    assert t.decisions == [Finish(InstanceStatus.FAILED)]
+    assert kinds(t) == [HistoryKind.TIMED_OUT, HistoryKind.INSTANCE_FAILED]
+    x = run.state.activities["x"]
+    assert (x.status, x.attempt, x.interruptions) == (ActivityStatus.TIMED_OUT, 2, 2)
+    assert x.error is not None
+    assert x.error.kind == "timeout"
+    assert "attempt 2 on w2" in x.error.message
+    assert run.state.status is InstanceStatus.FAILED
+    assert run.state.error == x.error
+
+
+def _scheduled(run: Run) -> tuple[str, int]:
+    return "x", 1
+
+
+def _restarted(run: Run) -> tuple[str, int]:
+    run.claim("x", "w1", wants_reply=False)
+    run.crash("x", "w2")
+    return "x", 1
+
+
+def _retried(run: Run) -> tuple[str, int]:
+    run.claim("x", "w1", wants_reply=False)
+    run.deadline("x")
+    run.claim("x", "w2", wants_reply=False)
+    return "x", 1
+
+
+def _completed(run: Run) -> tuple[str, int]:
+    run.claim("x", "w1", wants_reply=False)
+    run.complete("x")
+    return "x", 1
+
+
+def _interrupted(run: Run) -> tuple[str, int]:
+    run.claim("x", "w1", wants_reply=False)
+    run.quarantine("x")
+    return "x", 1
+
+
+def _cancelled(run: Run) -> tuple[str, int]:
+    run.claim("x", "w1", wants_reply=False)
+    run.send(Cancel("stop"))
+    return "x", 1
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [_scheduled, _restarted, _retried, _completed, _interrupted, _cancelled, _never_dispatched],
+)
+def test_a_deadline_not_for_a_running_current_attempt_changes_nothing(setup: Any) -> None:
+    run = Run(parse(noop("x", timeout="30s"), noop("after")))
+    run.start()
+    step, attempt = setup(run)
+    before = run.state
+    t = run.deadline(step, attempt)
+    assert_only_recorded(before, t)  # timers leave no trace
+    assert t.decisions == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine bug: failed() retries while `attempt < max_attempts`, so attempts used by "
+    "time-outs and restarts (and operator retries) use up the retry policy",
+)
+def test_a_failure_after_a_time_out_still_gets_its_retries() -> None:
+    """Time-outs count against the crash budget, not the retry policy: a step allowed two
+    attempts on failure still gets its second one after a time-out."""
+    run = Run(parse(noop("x", retry={"max_attempts": 2})))
+    run.start()
+    run.fail("x", "slow", timed_out=True)  # attempt 2, at once
+    t = run.fail("x", "first failure")
+    assert [(d.step, d.attempt) for d in dispatches(t)] == [("x", 3)]
+    assert run.state.status is InstanceStatus.RUNNING
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=TypeError,
+    reason="engine bug: a DeadlineExpired for a RUNNING step without a timeout formats "
+    "`step.timeout_s:g` with None and raises TypeError",
+)
+def test_a_deadline_of_a_step_without_a_timeout_is_not_an_error() -> None:
+    """No timer is ever set for such a step, so one arriving (a forged or misrouted command)
+    must not crash the scheduler: whatever the engine makes of it, it returns a transition."""
+    run = Run(parse(noop("x")))
+    run.start()
+    run.claim("x", "w1", wants_reply=False)
+    run.deadline("x")
+
+
+# --- quarantine ---------------------------------------------------------------------------------
+
+
+def test_a_quarantined_delivery_flags_the_activity() -> None:
+    run = Run(parse(noop("x"), noop("after")))
+    run.start()
+    run.claim("x", "w1", wants_reply=False)
+    since = run.now
+    t = run.quarantine("x", deliveries=4, server="w3")
+    assert t.decisions == []
+    assert kinds(t) == [HistoryKind.FLAGGED]
+    x = run.state.activities["x"]
+    assert x.status is ActivityStatus.INTERRUPTED
+    assert x.flag is not None
+    assert (x.flag.kind, x.flag.attempt, x.flag.server_id, x.flag.held_since) == (
+        "crash_budget",
+        1,
+        "w1",
+        since,
+    )
+    assert "delivered 4 times" in x.flag.reason
+    assert "quarantined by w3" in x.flag.reason
+    assert t.history[0].reason == x.flag.reason
+    assert run.state.status is InstanceStatus.FLAGGED
+
+
+def test_a_quarantined_delivery_never_claimed_is_flagged_with_no_holder() -> None:
+    run = Run(parse(noop("x")))
+    run.start()
+    run.quarantine("x")
+    x = run.state.activities["x"]
+    assert x.flag is not None
+    assert (x.flag.kind, x.flag.server_id, x.flag.held_since) == ("crash_budget", None, None)
+    assert run.state.status is InstanceStatus.FLAGGED
+
+
+@pytest.mark.parametrize("setup", [_interrupted, _completed, _cancelled])
+def test_a_quarantine_of_a_flagged_or_ended_activity_changes_nothing(setup: Any) -> None:
+    run = Run(parse(noop("x", timeout="30s"), noop("after")))
+    run.start()
+    setup(run)
+    before = run.state
+    t = run.quarantine("x")
+    assert dump(t.state) == dump(before)
+    assert t.decisions == []
+    assert set(kinds(t)) <= {HistoryKind.IGNORED}
+
+
+# --- operator decisions -------------------------------------------------------------------------
+
+
+def test_retry_runs_a_flagged_activity_again_as_a_new_attempt() -> None:
+    run = flagged_shell(timeout="1m")
+    t = run.resolve("x", "retry")
+    assert t.decisions == [
+        Dispatch("x", "shell.command", {"argv": ["deploy", "x"]}, 2, False, 60.0, None)
+    ]
+    assert kinds(t) == [HistoryKind.RESOLVED, HistoryKind.DISPATCHED]
+    resolved = t.history[0]
+    assert (resolved.step, resolved.attempt, resolved.reason, resolved.data) == (
+        "x",
+        1,
+        "alice chose retry",
+        {"action": "retry"},
+    )
+    x = run.state.activities["x"]
+    assert (x.status, x.attempt, x.flag, x.claimed_by) == (ActivityStatus.SCHEDULED, 2, None, None)
+    assert run.state.status is InstanceStatus.RUNNING
+    # The new attempt is claimed afresh; the old one stays refused.
+    assert run.claim("x", "w3").decisions[-1] == AnswerClaim(True, 2, "granted")
+    assert run.claim("x", "w2", attempt=1, redelivered=True).decisions[0].granted is False  # type: ignore[union-attr]
+    run.complete("x", attempt=2, server="w3")
+    assert run.state.status is InstanceStatus.COMPLETED
+
+
+def test_interruptions_survive_a_new_dispatch_of_the_step() -> None:
+    run = Run(parse(noop("x", timeout="30s")))
+    run.start()
+    run.claim("x", "w1", wants_reply=False)
+    run.deadline("x")
+    assert run.state.activities["x"].interruptions == 1  # after a time-out's new attempt
+    run.claim("x", "w2", wants_reply=False)
+    run.quarantine("x")
+    run.resolve("x", "retry")
+    assert (run.attempt("x"), run.state.activities["x"].interruptions) == (3, 1)
+    run.claim("x", "w3", wants_reply=False)
+    run.crash("x", "w4")
+    assert (run.attempt("x"), run.state.activities["x"].interruptions) == (4, 2)
+
+
+def test_skip_completes_a_flagged_activity_with_the_operators_output() -> None:
+    run = flagged_shell({"id": "after", "type": "noop", "with": {"got": "${steps.x.output.rows}"}})
+    t = run.resolve("x", "skip", {"rows": 7})
+    assert kinds(t) == [HistoryKind.RESOLVED, HistoryKind.DISPATCHED]
+    assert t.history[0].reason == "alice chose skip"
+    x = run.state.activities["x"]
+    assert (x.status, x.output, x.flag) == (ActivityStatus.SKIPPED, {"rows": 7}, None)
+    assert x.reason == "skipped by alice"
+    assert t.decisions == [Dispatch("after", "noop", {"got": 7}, 1, True, None, None)]
+    assert run.state.status is InstanceStatus.RUNNING
+    run.complete("after", {"got": 7})
+    assert run.state.status is InstanceStatus.COMPLETED
+    assert run.state.outputs == {"x": {"rows": 7}, "after": {"got": 7}}
+
+
+def test_skip_without_an_output_gives_an_empty_object() -> None:
+    run = flagged_shell({"id": "after", "type": "noop", "with": {"got": "${steps.x.output}"}})
+    t = run.resolve("x", "skip")
+    assert run.state.activities["x"].output == {}
+    assert dispatches(t)[0].params == {"got": {}}
+
+
+def test_fail_fails_a_flagged_activity_and_the_instance() -> None:
+    run = flagged_shell(noop("after"))
+    t = run.resolve("x", "fail")
+    assert t.decisions == [Finish(InstanceStatus.FAILED)]
+    assert kinds(t) == [HistoryKind.RESOLVED, HistoryKind.INSTANCE_FAILED]
+    x = run.state.activities["x"]
+    assert (x.status, x.flag) == (ActivityStatus.FAILED, None)
+    assert x.error == ActivityError(kind="operator", message="failed by alice")
+    assert run.state.status is InstanceStatus.FAILED
+    assert run.state.error == x.error
+    assert "after" not in run.state.activities
+
+
+def test_a_decision_on_one_flag_leaves_the_instance_flagged_for_the_other() -> None:
+    run = Run(parse({"id": "p", "parallel": [[shell("a"), noop("a2")], [shell("b")]]}))
+    run.start()
+    for step in ("a", "b"):
+        run.claim(step, "w1")
+        run.crash(step, "w2")
+    t = run.resolve("a", "skip")
+    assert run.state.status is InstanceStatus.FLAGGED
+    assert [d.step for d in dispatches(t)] == ["a2"], "a's branch goes on"
+    run.resolve("b", "retry")
+    assert run.state.status is InstanceStatus.RUNNING
+
+
+@pytest.mark.parametrize(
+    "setup", [_scheduled, _restarted, _completed, _cancelled, _never_dispatched]
+)
+@pytest.mark.parametrize("action", ["retry", "skip", "fail"])
+def test_a_decision_on_an_activity_not_flagged_is_ignored(
+    setup: Any, action: Literal["retry", "skip", "fail"]
+) -> None:
+    run = Run(parse(noop("x", timeout="30s"), noop("after")))
+    run.start()
+    step, _ = setup(run)
+    before = run.state
+    t = run.resolve(step, action)
+    assert_only_recorded(before, t, HistoryKind.IGNORED)
+    assert t.decisions == []
+    assert f"alice's {action} ignored" in t.history[0].reason
+
+
+def test_cancel_ends_a_flagged_instance() -> None:
+    run = flagged_shell(noop("after"))
+    t = run.send(Cancel("not today"))
+    assert t.decisions == [Finish(InstanceStatus.CANCELLED)]
+    assert kinds(t) == [HistoryKind.INSTANCE_CANCELLED]
+    x = run.state.activities["x"]
+    assert (x.status, x.flag) == (ActivityStatus.CANCELLED, None)
+    assert run.state.status is InstanceStatus.CANCELLED
+    before = run.state
+    assert_only_recorded(before, run.resolve("x", "retry"), HistoryKind.IGNORED)
+    assert_only_recorded(before, run.complete("x", attempt=1), HistoryKind.LATE_RESULT)
+
+
+def test_a_restarted_attempt_whose_server_dies_too_runs_again() -> None:
+    """A restart runs a new attempt under the old message: when that server dies too, the
+    broker redelivers the same message, which still names the first attempt."""
+    run = Run(parse(noop("x")))
+    run.start()
+    run.claim("x", "w1", wants_reply=False)
+    run.crash("x", "w2", deliveries=1)  # w1 died: w2 runs attempt 2, from attempt 1's message
+    since = run.now
+    # w2 dies too: the broker hands the same message (attempt 1) to w3.
+    t = run.crash("x", "w3", attempt=1, deliveries=2)
+    assert t.decisions == [AnswerClaim(True, 3, "restarted as attempt 3")]
+    assert kinds(t) == [HistoryKind.REDELIVERED, HistoryKind.RESTARTED]
+    assert entry(t, HistoryKind.REDELIVERED).reason == (
+        f"attempt 2 held by w2 since {since.isoformat(timespec='milliseconds')} "
+        "was redelivered to w3 (delivery 3)"
+    )
+    x = run.state.activities["x"]
+    assert (x.attempt, x.claimed_by, x.interruptions) == (3, "w3", 2)
+    # w3 asks again under the message's attempt (its reply was lost): the same answer.
+    t = run.claim("x", "w3", attempt=1, redelivered=True, delivery_count=2)
+    assert (t.decisions, t.history) == ([AnswerClaim(True, 3, "granted")], [])
+    # A third death exhausts the crash budget: flagged, naming the last holder.
+    t = run.crash("x", "w4", attempt=1, deliveries=3)
+    assert t.decisions == [AnswerClaim(False, 3, "flagged: crash budget exhausted")]
+    x = run.state.activities["x"]
+    assert x.flag is not None
+    assert (x.flag.kind, x.flag.attempt, x.flag.server_id) == ("crash_budget", 3, "w3")
+    assert "attempt 3 held by w3" in x.flag.reason
+    # The first attempt's message is stale once a new message was dispatched.
+    run.resolve("x", "retry")
+    before = run.state
+    t = run.crash("x", "w5", attempt=1, deliveries=4)
+    assert_only_recorded(before, t, HistoryKind.CLAIM_REFUSED)
+    assert t.decisions == [
+        AnswerClaim(False, 1, "attempt 1 is stale: the activity is at attempt 4")
+    ]
+
+
+# --- the property: arbitrary interleavings of results and crashes -------------------------------
+
+ACTIVITY_KINDS: list[tuple[str, bool | None]] = [
+    ("noop", None),
+    ("sleep", None),
+    ("shell.command", None),
+    ("noop", False),
+    ("sleep", False),
+    ("shell.command", True),
+]
+"""(type, the author's `restartable`): restartable by default or not, and overridden both ways."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    restartable: bool
+    timeout_s: float | None
+    max_attempts: int
+
+
+class Builder:
+    """Draws a random definition: sequences, conditions (on a literal or on an earlier
+    output) and parallel steps, of restartable and non-restartable activities."""
+
+    def __init__(self, draw: st.DrawFn) -> None:
+        self.draw = draw
+        self.budget = draw(st.integers(1, 7))
+        self.specs: dict[str, Spec] = {}
+        self.count = 0
+
+    def sequence(self, depth: int, visible: frozenset[str]) -> tuple[list[Any], frozenset[str]]:
+        steps: list[Any] = []
+        for i in range(self.draw(st.integers(1, 3))):
+            if i and self.count >= self.budget:
+                break
+            step, visible = self.step(depth, visible)
+            steps.append(step)
+        return steps, visible
+
+    def step(self, depth: int, visible: frozenset[str]) -> tuple[dict[str, Any], frozenset[str]]:
+        self.count += 1
+        step_id = f"s{self.count}"
+        kinds = ["activity", "activity"]
+        if depth < 2 and self.count < self.budget:
+            kinds += ["condition", "parallel"]
+        kind = self.draw(st.sampled_from(kinds))
+        if kind == "condition":
+            k = self.draw(st.integers(0, 2))
+            sources = ["true", "false", *(f"steps.{v}.output.v == {k}" for v in sorted(visible))]
+            raw: dict[str, Any] = {"id": step_id, "if": self.draw(st.sampled_from(sources))}
+            raw["then"], after = self.sequence(depth + 1, visible)
+            if self.draw(st.booleans()):
+                raw["else"], other = self.sequence(depth + 1, visible)
+                after |= other
+            return raw, after
+        if kind == "parallel":
+            branches, after = [], visible
+            for _ in range(self.draw(st.integers(1, 3))):
+                branch, seen = self.sequence(depth + 1, visible)
+                branches.append(branch)
+                after |= seen
+            return {"id": step_id, "parallel": branches}, after
+        type_name, override = self.draw(st.sampled_from(ACTIVITY_KINDS))
+        params = {
+            "noop": {"v": step_id},
+            "sleep": {"seconds": 0},
+            "shell.command": {"argv": ["run", step_id]},
+        }[type_name]
+        raw = {"id": step_id, "type": type_name, "with": params}
+        if override is not None:
+            raw["restartable"] = override
+        timeout = self.draw(st.sampled_from([None, 30.0]))
+        if timeout is not None:
+            raw["timeout"] = timeout
+        max_attempts = self.draw(st.sampled_from([1, 1, 2, 3]))
+        if max_attempts > 1:
+            raw["retry"] = {"max_attempts": max_attempts, "backoff": "1s"}
+        restartable = type_name != "shell.command" if override is None else override
+        self.specs[step_id] = Spec(restartable, timeout, max_attempts)
+        return raw, visible | {step_id}
+
+
+@st.composite
+def failover_definitions(draw: st.DrawFn) -> tuple[Definition, dict[str, Spec]]:
+    builder = Builder(draw)
+    steps, _ = builder.sequence(0, frozenset())
+    return parse_definition({"name": "random", "steps": steps}), builder.specs
+
+
+@dataclass
+class Message:
+    """An activity message in the broker: the attempt it was dispatched as never changes."""
+
+    step: str
+    attempt: int
+    restartable: bool
+    delivery_count: int = 0
+
+
+@dataclass
+class Work:
+    """A message in a worker's hands: prefetched (`attempt` None), then running as `attempt`."""
+
+    message: Message
+    server: str
+    attempt: int | None = None
+
+    @property
+    def restarted(self) -> bool:
+        return self.attempt is not None and self.attempt != self.message.attempt
+
+
+RESULT = ActivityCompleted | ActivityFailed
+
+
+@dataclass
+class Cluster:
+    """The scheduler (this test, calling `apply`), a broker and a few workers that crash,
+    freeze, receive duplicates and report late; every transition is checked."""
+
+    definition: Definition
+    specs: dict[str, Spec]
+    policy: Policy
+    quarantine_at: int
+    """A worker quarantines a message delivered this many times before (its own setting)."""
+    state: InstanceState = field(default_factory=lambda: new_instance({}))
+    now: datetime = T0
+    queue: list[Message] = field(default_factory=list)
+    held: list[Work] = field(default_factory=list)
+    zombies: list[Work] = field(default_factory=list)
+    """Runs of frozen workers: their messages went back to the broker; they may still report."""
+    live: list[str] = field(default_factory=lambda: ["w1", "w2", "w3"])
+    servers: int = 3
+    published: list[Message] = field(default_factory=list)
+    deadlines: list[SetDeadline] = field(default_factory=list)
+    ran: dict[tuple[str, int], set[str]] = field(default_factory=dict)
+    """(step, attempt) -> the servers that started running it."""
+    top: dict[str, int] = field(default_factory=dict)
+    """Step -> the highest attempt dispatched or granted."""
+    new_attempts: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(step, cause) -> attempts after the first, by cause: failure, interruption, operator."""
+    interruptions: dict[str, int] = field(default_factory=dict)
+    finished: Finish | None = None
+    may_cancel: bool = True
+    events: int = 0
+    seen: dict[str, int] = field(default_factory=dict)
+    """What happened, for the statistics."""
+
+    def saw(self, what: str, n: int = 1) -> None:
+        self.seen[what] = self.seen.get(what, 0) + n
+
+    # --- sending and checking --------------------------------------------------------------
+
+    def send(self, event: Event) -> Transition:
+        self.now += S
+        self.events += 1
+        before = self.state
+        snapshot = dump(before)
+        t = apply(self.definition, before, event, self.now, self.policy)
+        # (g) apply never mutates its input.
+        assert dump(before) == snapshot, "apply mutated the state it was given"
+        self.state = t.state
+        self.check(event, before, t)
+        return t
+
+    def check(self, event: Event, before: InstanceState, t: Transition) -> None:
+        state = t.state
+        # (c) a flagged activity carries its flag; the instance is FLAGGED exactly while one is.
+        interrupted = False
+        for step, a in state.activities.items():
+            if a.status is ActivityStatus.INTERRUPTED:
+                interrupted = True
+                assert a.flag is not None, step
+                assert a.flag.reason
+                assert a.flag.attempt == a.attempt
+                assert a.flag.kind in ("redelivered", "timeout", "crash_budget")
+                if a.flag.kind != "crash_budget" or "held by" in a.flag.reason:
+                    # It names the attempt and the server that held it.
+                    assert f"attempt {a.attempt}" in a.flag.reason, a.flag.reason
+                    assert a.flag.server_id is None or a.flag.server_id in a.flag.reason
+                assert not a.restartable or a.flag.kind == "crash_budget", a.flag
+            else:
+                assert a.flag is None, (step, a)
+            # Interruptions survive new dispatches: they never go down.
+            assert a.interruptions >= self.interruptions.get(step, 0)
+            self.interruptions[step] = a.interruptions
+        if state.status.is_final:
+            assert not interrupted
+        elif state.status is not InstanceStatus.PENDING:
+            assert (state.status is InstanceStatus.FLAGGED) is interrupted, state.status
+        for h in t.history:
+            self.saw(h.kind.value)
+
+        answers = [d for d in t.decisions if isinstance(d, AnswerClaim)]
+        if isinstance(event, Claim) and event.wants_reply:
+            assert len(answers) == 1, t.decisions
+        else:
+            assert answers == [], (event, t.decisions)
+        if self.finished is not None:
+            # Nothing is decided after the instance finished, but refusals.
+            assert all(isinstance(d, AnswerClaim) and not d.granted for d in t.decisions)
+        for d in t.decisions:
+            if isinstance(d, Finish):
+                assert self.finished is None
+                assert d.status is state.status
+                assert state.status.is_final
+                assert all(a.status.is_final for a in state.activities.values())
+                self.finished = d
+            elif isinstance(d, Dispatch):
+                self.check_dispatch(event, d)
+            elif isinstance(d, SetDeadline):
+                assert isinstance(event, Claim)
+                spec = self.specs[d.step]
+                assert spec.timeout_s is not None
+                assert d.at == event.at + timedelta(
+                    seconds=spec.timeout_s + self.policy.deadline_grace_s
+                )
+                assert d.attempt == state.activities[d.step].attempt
+                self.deadlines.append(d)
+            elif isinstance(d, AnswerClaim) and d.granted:
+                assert isinstance(event, Claim)
+                self.check_grant(event, d)
+
+        if isinstance(event, RESULT) and not self.current(before, event.step, event.attempt):
+            # (e) a result of a stale attempt (or for an ended activity or instance) changes
+            # nothing but the history.
+            assert dump(state) == dump(before)
+            assert t.decisions == []
+            assert kinds(t) in ([HistoryKind.LATE_RESULT], [HistoryKind.IGNORED]), t.history
+        elif isinstance(event, RESULT):
+            assert event.step in t.changed_steps
+            assert dump(state) != dump(before)
+
+    @staticmethod
+    def current(state: InstanceState, step: str, attempt: int) -> bool:
+        a = state.activities.get(step)
+        return (
+            a is not None
+            and a.attempt == attempt
+            and not a.status.is_final
+            and not state.status.is_final
+        )
+
+    def new_attempt(self, step: str, attempt: int, cause: str) -> None:
+        # (f) attempts of a step come in order, one more each time, within the budgets.
+        top = self.top.get(step, 0)
+        assert attempt == top + 1, (step, top, attempt)
+        self.top[step] = attempt
+        if attempt == 1:
+            return
+        key = (step, cause)
+        self.new_attempts[key] = self.new_attempts.get(key, 0) + 1
+        assert self.new_attempts.get((step, "failure"), 0) <= self.specs[step].max_attempts - 1
+        assert self.new_attempts.get((step, "interruption"), 0) <= self.policy.crash_budget - 1
+
+    def check_dispatch(self, event: Event, d: Dispatch) -> None:
+        spec = self.specs[d.step]
+        assert (d.restartable, d.timeout_s) == (spec.restartable, spec.timeout_s)
+        if d.attempt == 1:
+            cause = "first"
+        elif isinstance(event, Resolve):
+            assert (event.step, event.action) == (d.step, "retry"), event
+            cause = "operator"
+        elif isinstance(event, ActivityFailed) and not event.timed_out:
+            assert event.step == d.step
+            cause = "failure"
+        else:
+            assert isinstance(event, ActivityFailed | DeadlineExpired), event
+            assert event.step == d.step
+            cause = "interruption"
+        if not spec.restartable:
+            # (b) a non-restartable activity runs again only when an operator says so (or after
+            # a failure it reported itself: its outcome is known); never after a time-out.
+            assert cause in ("first", "operator", "failure"), (d, event)
+        self.new_attempt(d.step, d.attempt, cause)
+        message = Message(d.step, d.attempt, d.restartable)
+        self.queue.append(message)
+        self.published.append(message)
+
+    def check_grant(self, claim: Claim, answer: AnswerClaim) -> None:
+        a = self.state.activities[claim.step]
+        assert (a.attempt, a.status, a.claimed_by) == (
+            answer.attempt,
+            ActivityStatus.RUNNING,
+            claim.server_id,
+        )
+        if answer.attempt != claim.attempt:
+            # A restart: only of a restartable activity whose holder is gone.
+            assert claim.redelivered
+            assert self.specs[claim.step].restartable
+            self.new_attempt(claim.step, answer.attempt, "interruption")
+        # (f) a grant is always for the step's latest attempt, so grants come in order.
+        assert answer.attempt == self.top[claim.step] >= claim.attempt
+
+    # --- what the workers and the broker do ------------------------------------------------
+
+    def server(self, exclude: Message | None = None) -> list[str]:
+        busy = {
+            w.server
+            for w in self.held
+            if exclude is not None
+            and (w.message.step, w.message.attempt) == (exclude.step, exclude.attempt)
+        }
+        return [s for s in self.live if s not in busy]
+
+    def deliver(self, message: Message, server: str) -> None:
+        self.queue.remove(message)
+        if message.delivery_count >= self.quarantine_at:
+            # A poison message: the worker tells the scheduler and dead-letters it.
+            self.send(
+                Quarantined(message.step, message.attempt, message.delivery_count + 1, server)
+            )
+            return
+        self.held.append(Work(message, server))
+
+    def claim(self, work: Work) -> None:
+        m = work.message
+        redelivered = m.delivery_count > 0
+        wants_reply = redelivered or not m.restartable
+        at = self.now + S
+        before = self.state
+        t = self.send(
+            Claim(m.step, m.attempt, work.server, at, redelivered, m.delivery_count, wants_reply)
+        )
+        if wants_reply:
+            (answer,) = [d for d in t.decisions if isinstance(d, AnswerClaim)]
+            if not answer.granted:
+                self.held.remove(work)  # not run: acked
+                assert dump(t.state) == dump(before) or any(
+                    h.kind is HistoryKind.FLAGGED for h in t.history
+                )
+                return
+            attempt = answer.attempt
+        else:
+            attempt = m.attempt  # a start notice: the worker runs it whatever the answer
+        work.attempt = attempt
+        servers = self.ran.setdefault((m.step, attempt), set())
+        servers.add(work.server)
+        if not self.specs[m.step].restartable:
+            # (a) never silently run twice: one server per non-restartable attempt, ever.
+            assert len(servers) == 1, (m.step, attempt, servers)
+
+    def report(self, work: Work, outcome: str) -> None:
+        assert work.attempt is not None
+        step, attempt = work.message.step, work.attempt
+        if outcome == "completed":
+            output = {"v": self.events % 3}
+            self.send(ActivityCompleted(step, attempt, output, work.server, self.now, self.now))
+            return
+        error = ActivityError(kind=outcome, message=f"{step} attempt {attempt} on {work.server}")
+        timed_out = outcome == "timeout"
+        self.send(ActivityFailed(step, attempt, error, work.server, self.now, self.now, timed_out))
+
+    def lose(self, server: str, *, frozen: bool) -> None:
+        """A server dies (or is cut off): the broker requeues what it held, redelivered."""
+        self.live.remove(server)
+        self.saw("frozen" if frozen else "crashed")
+        for work in [w for w in self.held if w.server == server]:
+            self.held.remove(work)
+            m = work.message
+            self.queue.append(Message(m.step, m.attempt, m.restartable, m.delivery_count + 1))
+            if frozen and work.attempt is not None:
+                self.zombies.append(work)
+        while len(self.live) < 2:
+            self.servers += 1
+            self.live.append(f"w{self.servers}")
+
+    def flagged(self) -> list[str]:
+        return sorted(
+            s for s, a in self.state.activities.items() if a.status is ActivityStatus.INTERRUPTED
+        )
+
+    # --- one random turn -------------------------------------------------------------------
+
+    def turn(self, data: st.DataObject, *, chaos: bool) -> bool:
+        """One event (or broker move) drawn at random; False when nothing is left to do."""
+        running = [w for w in self.held if w.attempt is not None]
+        prefetched = [w for w in self.held if w.attempt is None]
+        options: list[str] = []
+        if self.queue:
+            options += ["deliver"] * 3
+        if prefetched:
+            options += ["claim"] * 3
+        if running:
+            options += ["result"] * 2
+        if self.zombies:
+            options.append("late")
+        if self.flagged():
+            options += ["resolve"] * (1 if chaos else 5)
+        if chaos:
+            crashable = sorted({w.server for w in self.held})
+            if crashable:
+                options += ["crash", "crash", "freeze"]
+            if self.published and self.seen.get("duplicate", 0) < 3:
+                options.append("duplicate")
+            options += ["deadline", "noise"]
+            if self.may_cancel and not self.state.status.is_final:
+                options.append("cancel")
+        elif not options and self.deadlines:
+            options.append("deadline")
+        if not options:
+            return False
+        what = data.draw(st.sampled_from(options), label="turn")
+        timed = sorted(s for s, spec in self.specs.items() if spec.timeout_s is not None)
+        if what == "deliver":
+            message = data.draw(st.sampled_from(self.queue), label="message")
+            servers = self.server(exclude=message)
+            if servers:
+                self.deliver(message, data.draw(st.sampled_from(servers), label="to"))
+        elif what == "claim":
+            self.claim(data.draw(st.sampled_from(prefetched), label="claimer"))
+        elif what == "result":
+            work = data.draw(st.sampled_from(running), label="reporter")
+            outcomes = ["completed", "completed", "failed", "timeout"] if chaos else ["completed"]
+            self.held.remove(work)
+            self.report(work, data.draw(st.sampled_from(outcomes), label="outcome"))
+        elif what == "late":
+            work = data.draw(st.sampled_from(self.zombies), label="zombie")
+            self.zombies.remove(work)
+            self.saw("frozen worker reported")
+            outcomes = ["completed", "failed", "timeout"] if chaos else ["completed"]
+            self.report(work, data.draw(st.sampled_from(outcomes), label="late outcome"))
+        elif what == "resolve":
+            step = data.draw(st.sampled_from(self.flagged()), label="flagged")
+            action = data.draw(st.sampled_from(["retry", "skip", "fail"]), label="action")
+            output = data.draw(st.sampled_from([None, {"v": 0}, {"v": 1}]), label="output")
+            self.send(Resolve(step, action, output, by="op"))
+        elif what in ("crash", "freeze"):
+            server = data.draw(st.sampled_from(crashable), label=what)
+            self.lose(server, frozen=what == "freeze")
+        elif what == "duplicate":
+            # The outbox relay published a message twice (it crashed before marking it sent).
+            m = data.draw(st.sampled_from(self.published), label="duplicate of")
+            self.queue.append(Message(m.step, m.attempt, m.restartable))
+            self.saw("duplicate")
+        elif what == "deadline":
+            if self.deadlines and data.draw(st.integers(0, 3), label="a deadline set"):
+                d = data.draw(st.sampled_from(self.deadlines), label="deadline")
+                self.deadlines.remove(d)
+                self.send(DeadlineExpired(d.step, d.attempt))
+            elif timed:
+                # A timer for another attempt (or one that fired twice). Only steps with a
+                # timeout ever get one (see test_a_deadline_of_a_step_without_a_timeout_...).
+                step = data.draw(st.sampled_from(timed), label="any step")
+                self.send(DeadlineExpired(step, data.draw(st.integers(1, 4), label="attempt")))
+        elif what == "noise":
+            self.noise(data)
+        else:
+            self.send(Cancel("random cancel"))
+        return True
+
+    def noise(self, data: st.DataObject) -> None:
+        """An operator decision on something not flagged, or a quarantine of a stale copy."""
+        step = data.draw(st.sampled_from(sorted(self.specs)), label="noise step")
+        if step not in self.flagged():
+            before = self.state
+            t = self.send(Resolve(step, "retry", None, by="op"))
+            assert_only_recorded(before, t, HistoryKind.IGNORED)
+
+
+def interleave(generated: tuple[Definition, dict[str, Spec]], data: st.DataObject) -> Cluster:
+    definition, specs = generated
+    policy = Policy(
+        crash_budget=data.draw(st.sampled_from([1, 2, 3, 3, 4]), label="crash budget"),
+        deadline_grace_s=data.draw(st.sampled_from([0.0, 10.0]), label="grace"),
+    )
+    quarantine_at = policy.crash_budget + data.draw(st.integers(0, 2), label="quarantine at")
+    c = Cluster(definition, specs, policy, quarantine_at)
+    c.may_cancel = data.draw(st.integers(0, 4), label="may cancel") == 0
+    c.send(Start())
+    for _ in range(data.draw(st.integers(0, 80), label="chaotic turns")):
+        if not c.turn(data, chaos=True):
+            break
+    # (d) once the workers answer what they hold and operators resolve every flag, the
+    # instance ends: nothing is lost.
+    for _ in range(500):
+        if c.state.status.is_final or not c.turn(data, chaos=False):
+            break
+    assert c.state.status.is_final, (c.state.status, c.state.activities, c.queue, c.held)
+    assert c.finished == Finish(c.state.status)
+    return c
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(generated=failover_definitions(), data=st.data())
+def test_any_interleaving_of_results_crashes_and_decisions(
+    generated: tuple[Definition, dict[str, Spec]], data: st.DataObject
+) -> None:
+    """Properties (a) to (g) of the module docstring, checked at every transition."""
+    c = interleave(generated, data)
+    event(f"ended {c.state.status.value}")
+    for what in (
+        "flagged",
+        "restarted",
+        "resolved",
+        "late_result",
+        "claim_refused",
+        "crashed",
+        "frozen",
+        "frozen worker reported",
+        "duplicate",
+        "activity_timed_out",
+    ):
+        n = c.seen.get(what, 0)
+        event(f"{what}: {n if n < 3 else '3+'}")
