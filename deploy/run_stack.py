@@ -46,9 +46,14 @@ def main() -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    drained: set[str] = set()
     while not stopping:
-        for service, code in stack.revive_dead():
+        for service, code in stack.revive_dead(failed_only=True):
             say(f"{service.name} exited ({code}); restarting (restart {service.restarts})")
+        for service in stack.services.values():
+            if not service.alive() and service.name not in drained:
+                drained.add(service.name)
+                say(f"{service.name} was drained and exited 0; left stopped")
         time.sleep(0.5)
     say("stopping: letting in-flight work finish")
     stack.stop_all()

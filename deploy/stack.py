@@ -123,15 +123,19 @@ class Stack:
                 service.process.kill()
                 service.process.wait()
 
-    def revive_dead(self) -> list[tuple[Service, int | None]]:
-        """Start again every service whose process has ended; returns each with the exit
-        code of the process that ended."""
+    def revive_dead(self, *, failed_only: bool = False) -> list[tuple[Service, int | None]]:
+        """Start again every service whose process has ended (with `failed_only`, only those
+        that did not exit 0, as systemd's Restart=on-failure: a drained server stays down);
+        returns each with the exit code of the process that ended."""
         revived = []
         for service in self.services.values():
-            if service.process is not None and not service.alive():
-                service.restarts += 1
-                revived.append((service, service.process.returncode))
-                self.start(service.name)
+            if service.process is None or service.alive():
+                continue
+            if failed_only and service.process.returncode == 0:
+                continue
+            service.restarts += 1
+            revived.append((service, service.process.returncode))
+            self.start(service.name)
         return revived
 
     def of_kind(self, kind: str) -> list[Service]:

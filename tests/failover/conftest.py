@@ -24,6 +24,9 @@ FAST_LIVENESS = {
     "PACELINE_WORKER_GRACE_S": "5",
     "PACELINE_CRASH_BUDGET": "3",
     "PACELINE_DEADLINE_GRACE_S": "2",
+    # Servers report every second and are LOST after four silent ones.
+    "PACELINE_SERVER_HEARTBEAT_S": "1",
+    "PACELINE_SERVER_LOST_AFTER_S": "4",
 }
 
 StackFactory = Callable[..., Awaitable[tuple[Stack, httpx.AsyncClient]]]

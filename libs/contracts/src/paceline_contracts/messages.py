@@ -13,7 +13,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from paceline_contracts.states import ActivityStatus, InstanceStatus
+from paceline_contracts.states import ActivityStatus, InstanceStatus, ServerKind, ServerStatus
 
 
 class Message(BaseModel):
@@ -229,3 +229,44 @@ class InstanceChanged(Message):
 
 Event = Annotated[InstanceChanged, Field(discriminator="type")]
 EVENT = TypeAdapter[Event](Event)
+
+
+# --- servers: heartbeats (every server -> scheduler) and control (admin -> one server) ---------
+
+
+class InFlightActivity(Message):
+    instance_id: UUID
+    step: str
+    attempt: int
+
+
+class ServerHeartbeat(Message):
+    """A server says it is alive, what it is doing and what it still runs."""
+
+    type: Literal["server.heartbeat"] = "server.heartbeat"
+    v: Literal[1] = 1
+    server_id: str
+    kind: ServerKind
+    host: str
+    pid: int
+    started_at: datetime
+    status: ServerStatus
+    """ACTIVE, DRAINING or DRAINED; LOST is what the registry concludes from silence."""
+    at: datetime
+    in_flight: tuple[InFlightActivity, ...] = ()
+    """For a worker: the activities it runs or holds; what a drain waits for."""
+
+
+HEARTBEAT = TypeAdapter[ServerHeartbeat](ServerHeartbeat)
+
+
+class DrainServer(Message):
+    """Friendly shutdown of one server: stop taking work, finish what is in flight, exit."""
+
+    type: Literal["server.drain"] = "server.drain"
+    v: Literal[1] = 1
+    server_id: str
+    by: str = "operator"
+
+
+DRAIN = TypeAdapter[DrainServer](DrainServer)

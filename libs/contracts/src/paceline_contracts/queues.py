@@ -16,6 +16,8 @@ class Queue(StrEnum):
     """Instance events from the scheduler to reporting."""
     CLAIMS = "claims"
     """Start claims from the workers to the scheduler; replies go to each worker's own queue."""
+    SERVERS = "servers"
+    """Heartbeats of every server, recorded by the scheduler in the server registry."""
 
 
 def exchange_name(namespace: str) -> str:
@@ -38,3 +40,13 @@ def dead_queue_name(namespace: str, queue: Queue) -> str:
 def reply_queue_name(namespace: str, server_id: str) -> str:
     """A worker's own queue for claim replies: exclusive, gone with its connection."""
     return f"{namespace}.reply.{server_id}"
+
+
+def control_exchange_name(namespace: str) -> str:
+    """Control messages (drain) to one server, routed by its server id."""
+    return f"{namespace}.control"
+
+
+def control_queue_name(namespace: str, server_id: str) -> str:
+    """A server's own control queue: exclusive, gone with its connection."""
+    return f"{namespace}.control.{server_id}"

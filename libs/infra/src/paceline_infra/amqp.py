@@ -21,9 +21,11 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from pydantic import ValidationError
 
 from paceline_contracts.queues import (
     Queue,
+    control_exchange_name,
     dead_letter_exchange_name,
     dead_queue_name,
     exchange_name,
@@ -38,6 +40,15 @@ DELIVERY_LIMIT = 20
 budget for activities is enforced below it, by the worker, so the budget can be a setting."""
 REASON_HEADER = "x-paceline-reason"
 SOURCE_HEADER = "x-paceline-queue"
+
+
+def invalid_reason(what: str, error: ValidationError) -> str:
+    """The dead-letter reason for a message that does not parse: what it should have been,
+    and where it is wrong (at most ten problems)."""
+    problems = "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors()[:10]
+    )
+    return f"not a valid {what}: {problems}"
 
 
 def queue_arguments(namespace: str, queue: Queue) -> dict[str, Any]:
@@ -68,6 +79,9 @@ async def declare_topology(channel: AbstractChannel, namespace: str) -> None:
     )
     dlx = await channel.declare_exchange(
         dead_letter_exchange_name(namespace), aio_pika.ExchangeType.DIRECT, durable=True
+    )
+    await channel.declare_exchange(
+        control_exchange_name(namespace), aio_pika.ExchangeType.DIRECT, durable=True
     )
     for queue in Queue:
         dead = await channel.declare_queue(

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+import asyncpg
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from paceline_contracts.queues import Queue
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,3 +71,38 @@ class Batcher:
                 except TimeoutError:
                     break
             yield batch
+
+
+DB_DOWN: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    TimeoutError,
+)
+"""Errors that mean the database is out of reach, not that a delivery is bad."""
+
+
+async def drive(
+    batcher: Batcher,
+    stop: asyncio.Event,
+    handle: Callable[[list[Delivery]], Awaitable[None]],
+    *,
+    what: str,
+) -> None:
+    """Hand batches to `handle` until `stop` and the backlog is done. While the database is
+    out of reach, deliveries go back to their queue and the loop backs off; it never exits
+    for that, so a service rides out a database restart on its own."""
+    async for batch in batcher.batches(stop):
+        try:
+            await handle(batch)
+        except DB_DOWN as exc:
+            log.warning(
+                "%s: database unavailable (%s); requeueing %d deliveries", what, exc, len(batch)
+            )
+            for d in batch:
+                try:
+                    await d.message.nack(requeue=True)
+                except Exception:
+                    log.debug("nack failed", exc_info=True)
+            await asyncio.sleep(1.0)

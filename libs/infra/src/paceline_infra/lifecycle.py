@@ -7,8 +7,17 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
+from importlib.resources import files
+from typing import TypeVar
+
+from paceline_contracts.states import ServerKind
+from paceline_infra import db
+from paceline_infra.identity import ServerIdentity
+from paceline_infra.logs import setup_logging
+from paceline_infra.settings import Settings
 
 log = logging.getLogger(__name__)
+AnySettings = TypeVar("AnySettings", bound=Settings)
 
 
 def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
@@ -30,3 +39,22 @@ def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         await main(stop)
 
     asyncio.run(runner())
+
+
+def run_server(
+    kind: ServerKind,
+    settings: AnySettings,
+    serve: Callable[[AnySettings, ServerIdentity, asyncio.Event], Awaitable[None]],
+) -> None:
+    """The `run` command of every service: who it is, its logs, then `serve` until stopped."""
+    identity = ServerIdentity(kind)
+    setup_logging(identity.id, settings.log_level)
+    run(lambda stop: serve(settings, identity, stop))
+
+
+def migrate_command(url: str, package: str, what: str) -> str:
+    """Create the database in `url` if needed and apply `package`'s migrations; says what it
+    did, without the password."""
+    setup_logging("migrate", "INFO")
+    applied = asyncio.run(db.migrate(url, files(package) / "migrations"))
+    return f"{what} {db.redact(url)}: {len(applied)} migration(s) applied"

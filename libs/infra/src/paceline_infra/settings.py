@@ -21,6 +21,10 @@ class Settings(BaseSettings):
     """OTLP/HTTP base URL (e.g. http://127.0.0.1:4318); unset: traces are not exported."""
     amqp_heartbeat_s: int = Field(default=5, ge=1, le=600)
     """AMQP heartbeat: a frozen or cut-off peer is detected after about three of these."""
+    server_heartbeat_s: float = Field(default=5.0, ge=0.2, le=300)
+    """How often every server reports itself to the registry."""
+    server_lost_after_s: float = Field(default=20.0, ge=1, le=3600)
+    """A server silent this long is shown as LOST."""
     crash_budget: int = Field(default=3, ge=1, le=100)
     """Deliveries that may end in a crash before an activity is quarantined and flagged."""
     log_level: str = "INFO"

@@ -30,11 +30,12 @@ from paceline_contracts.messages import (
     ActivityQuarantined,
     ActivityResult,
     ActivityTask,
+    InFlightActivity,
 )
 from paceline_contracts.queues import Queue
 from paceline_contracts.states import ActivityStatus
 from paceline_infra import telemetry
-from paceline_infra.amqp import Outgoing, Publisher
+from paceline_infra.amqp import Outgoing, Publisher, invalid_reason
 from paceline_worker.adapters import ActivityFailure, run_activity
 from paceline_worker.claims import Claimer
 
@@ -78,17 +79,20 @@ class ActivityRunner:
         self._finished: OrderedDict[AttemptKey, Outgoing] = OrderedDict()
         self._background: set[asyncio.Task[None]] = set()
 
-    @property
-    def in_flight(self) -> list[ActivityTask]:
-        return [f.task for f in self._in_flight.values()]
+    def in_flight(self) -> list[InFlightActivity]:
+        """What this worker runs or holds: what a drain waits for."""
+        return [
+            InFlightActivity(
+                instance_id=f.task.instance_id, step=f.task.step, attempt=f.task.attempt
+            )
+            for f in self._in_flight.values()
+        ]
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         try:
             task = ACTIVITY_TASK.validate_json(message.body)
         except ValidationError as exc:
-            reason = "not a valid activity message: " + "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:10]
-            )
+            reason = invalid_reason("activity message", exc)
             await self._publisher.dead_letter(Queue.ACTIVITIES, message, reason)
             return
         delivery_count = _delivery_count(message)

@@ -8,8 +8,10 @@ import logging
 import httpx
 
 from paceline_contracts.queues import Queue
+from paceline_contracts.states import ServerStatus
 from paceline_infra import amqp, telemetry
 from paceline_infra.identity import ServerIdentity
+from paceline_infra.presence import Presence
 from paceline_worker.claims import Claimer
 from paceline_worker.runner import ActivityRunner, RunnerConfig
 from paceline_worker.settings import WorkerSettings
@@ -27,6 +29,14 @@ async def serve(settings: WorkerSettings, identity: ServerIdentity, stop: asynci
             await claimer.open(connection, settings.namespace)
             config = RunnerConfig(identity.id, settings.worker_concurrency, settings.crash_budget)
             runner = ActivityRunner(config, publisher, claimer, http)
+            presence = Presence(
+                identity,
+                publisher,
+                interval_s=settings.server_heartbeat_s,
+                in_flight=runner.in_flight,
+            )
+            await presence.open(connection, settings.namespace, stop)
+            beating = asyncio.create_task(presence.run(), name="presence")
             channel = await connection.channel()
             await channel.set_qos(
                 prefetch_count=settings.worker_prefetch or settings.worker_concurrency
@@ -35,17 +45,23 @@ async def serve(settings: WorkerSettings, identity: ServerIdentity, stop: asynci
             tag = await queue.consume(runner.on_message, no_ack=False)
             log.info("worker %s ready: concurrency %d", identity.id, settings.worker_concurrency)
             await stop.wait()
+            # Friendly shutdown (SIGTERM or a drain): take nothing new, finish what runs.
             await queue.cancel(tag)
+            await presence.announce(ServerStatus.DRAINING)
             log.info(
                 "draining %d in-flight activities (grace %.0fs)",
-                len(runner.in_flight),
+                len(runner.in_flight()),
                 settings.worker_grace_s,
             )
             cancelled = await runner.drain(settings.worker_grace_s)
             if cancelled:
                 log.warning(
-                    "%d activities still running at the deadline: left to the broker", cancelled
+                    "%d activities still running at the deadline: left to the broker "
+                    "and the failover rule",
+                    cancelled,
                 )
+            await presence.announce(ServerStatus.DRAINED)
+            await beating
     finally:
         await connection.close()
         provider.shutdown()

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from paceline_contracts.messages import EVENT, ActivitySnapshot, InstanceChanged
 from paceline_contracts.queues import Queue
-from paceline_infra.amqp import Publisher
+from paceline_infra.amqp import Publisher, invalid_reason
 from paceline_infra.batching import Delivery
 
 log = logging.getLogger(__name__)
@@ -38,10 +38,7 @@ class Projector:
             try:
                 events.append((d, EVENT.validate_json(d.message.body)))
             except ValidationError as exc:
-                reason = "not a valid event: " + "; ".join(
-                    f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}"
-                    for e in exc.errors()[:10]
-                )
+                reason = invalid_reason("event", exc)
                 await self._publisher.dead_letter(Queue.EVENTS, d.message, reason)
         if not events:
             return

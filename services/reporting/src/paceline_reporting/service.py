@@ -5,24 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import asyncpg
-
 from paceline_contracts.queues import Queue
+from paceline_contracts.states import ServerStatus
 from paceline_infra import amqp, db, telemetry
-from paceline_infra.batching import Batcher
+from paceline_infra.batching import Batcher, drive
 from paceline_infra.identity import ServerIdentity
+from paceline_infra.presence import Presence
 from paceline_infra.settings import Settings
 from paceline_reporting.projector import Projector
 
 log = logging.getLogger(__name__)
-
-_DB_DOWN = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    TimeoutError,
-)
 
 
 async def serve(settings: Settings, identity: ServerIdentity, stop: asyncio.Event) -> None:
@@ -37,27 +29,22 @@ async def serve(settings: Settings, identity: ServerIdentity, stop: asyncio.Even
         await batcher.consume(
             Queue.EVENTS, await amqp.open_queue(channel, settings.namespace, Queue.EVENTS)
         )
-        projector = Projector(pool, publisher)
+        presence = Presence(identity, publisher, interval_s=settings.server_heartbeat_s)
+        await presence.open(connection, settings.namespace, stop)
+        beating = asyncio.create_task(presence.run(), name="presence")
         log.info("reporting %s ready", identity.id)
-        stopping = asyncio.create_task(_stop_consuming_on(stop, batcher))
-        async for batch in batcher.batches(stop):
-            try:
-                await projector.handle(batch)
-            except _DB_DOWN as exc:
-                log.warning("reporting database unavailable (%s); requeueing", exc)
-                for d in batch:
-                    try:
-                        await d.message.nack(requeue=True)
-                    except Exception:
-                        log.debug("nack failed", exc_info=True)
-                await asyncio.sleep(1.0)
+        stopping = asyncio.create_task(_stop_consuming_on(stop, presence, batcher))
+        await drive(batcher, stop, Projector(pool, publisher).handle, what="reporting")
         await stopping
+        await presence.announce(ServerStatus.DRAINED)
+        await beating
     finally:
         await connection.close()
         await pool.close()
         provider.shutdown()
 
 
-async def _stop_consuming_on(stop: asyncio.Event, batcher: Batcher) -> None:
+async def _stop_consuming_on(stop: asyncio.Event, presence: Presence, batcher: Batcher) -> None:
     await stop.wait()
+    await presence.announce(ServerStatus.DRAINING)
     await batcher.stop_consuming()

@@ -25,20 +25,13 @@ from paceline_engine import machine
 from paceline_engine.definitions import Definition
 from paceline_engine.events import AnswerClaim, HistoryEntry, Policy
 from paceline_infra import outbox, telemetry
-from paceline_infra.amqp import Publisher
-from paceline_infra.batching import Delivery
+from paceline_infra.amqp import Publisher, invalid_reason
+from paceline_infra.batching import DB_DOWN, Delivery
 from paceline_scheduler import store
 from paceline_scheduler.translate import Incoming, instance_changed, to_event, to_outbox
 
 log = logging.getLogger(__name__)
 
-DB_DOWN = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    TimeoutError,
-)
 _PARSERS: dict[Queue, TypeAdapter[Any]] = {
     Queue.COMMANDS: COMMAND,
     Queue.RESULTS: RESULT,
@@ -102,9 +95,7 @@ class Processor:
         try:
             message = _PARSERS[delivery.queue].validate_json(delivery.message.body)
         except ValidationError as exc:
-            reason = f"not a valid {delivery.queue.value} message: " + "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:10]
-            )
+            reason = invalid_reason(f"{delivery.queue.value} message", exc)
             await self._publisher.dead_letter(delivery.queue, delivery.message, reason)
             return None
         return _Parsed(delivery, message)

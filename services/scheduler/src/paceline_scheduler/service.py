@@ -1,17 +1,21 @@
-"""The scheduler process: consumes commands and results, runs the outbox relay."""
+"""The scheduler process: commands, claims and results in; the outbox relay; the registry."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
+from aio_pika.abc import AbstractQueue, AbstractRobustConnection
+
 from paceline_contracts.queues import Queue
-from paceline_contracts.states import ServerKind
+from paceline_contracts.states import ServerKind, ServerStatus
 from paceline_infra import amqp, db, telemetry
-from paceline_infra.batching import Batcher
+from paceline_infra.batching import Batcher, drive
 from paceline_infra.identity import ServerIdentity
 from paceline_infra.outbox import Relay
-from paceline_scheduler.processor import DB_DOWN, Processor
+from paceline_infra.presence import Presence
+from paceline_scheduler.processor import Processor
+from paceline_scheduler.registry import Registry
 from paceline_scheduler.settings import SchedulerSettings
 
 log = logging.getLogger(__name__)
@@ -24,35 +28,33 @@ async def serve(settings: SchedulerSettings, identity: ServerIdentity, stop: asy
     connection = await amqp.connect(settings, identity.id)
     try:
         publisher = await amqp.Publisher.open(connection, settings.namespace)
-        batcher = Batcher(
+        work = Batcher(
             max_size=settings.scheduler_batch_size,
             window_s=settings.scheduler_batch_window_ms / 1000,
         )
         for queue in (Queue.CLAIMS, Queue.COMMANDS, Queue.RESULTS):
-            channel = await connection.channel()
-            await channel.set_qos(prefetch_count=settings.scheduler_prefetch)
-            await batcher.consume(queue, await amqp.open_queue(channel, settings.namespace, queue))
-        processor = Processor(pool, publisher, settings.policy())
-        relay = asyncio.create_task(Relay(pool, publisher).run(stop), name="outbox-relay")
+            await work.consume(
+                queue, await _open(connection, settings, queue, settings.scheduler_prefetch)
+            )
+        beats = Batcher(max_size=500, window_s=0.05)
+        await beats.consume(Queue.SERVERS, await _open(connection, settings, Queue.SERVERS, 500))
+        presence = Presence(identity, publisher, interval_s=settings.server_heartbeat_s)
+        await presence.open(connection, settings.namespace, stop)
+        tasks = [
+            asyncio.create_task(presence.run(), name="presence"),
+            asyncio.create_task(Relay(pool, publisher).run(stop), name="outbox-relay"),
+            asyncio.create_task(
+                drive(beats, stop, Registry(pool, publisher).handle, what="registry"),
+                name="registry",
+            ),
+        ]
         log.info("scheduler %s ready (namespace %s)", identity.id, settings.namespace)
-        stopping = asyncio.create_task(_stop_consuming_on(stop, batcher))
-        async for batch in batcher.batches(stop):
-            try:
-                await processor.handle(batch)
-            except DB_DOWN as exc:
-                log.warning(
-                    "scheduler: database unavailable (%s); requeueing %d deliveries",
-                    exc,
-                    len(batch),
-                )
-                for d in batch:
-                    try:
-                        await d.message.nack(requeue=True)
-                    except Exception:
-                        log.debug("nack failed", exc_info=True)
-                await asyncio.sleep(1.0)
+        stopping = asyncio.create_task(_stop_consuming_on(stop, presence, work, beats))
+        processor = Processor(pool, publisher, settings.policy())
+        await drive(work, stop, processor.handle, what="scheduler")
         await stopping
-        await relay
+        await presence.announce(ServerStatus.DRAINED)
+        await asyncio.gather(*tasks)
     finally:
         await connection.close()
         await pool.close()
@@ -60,6 +62,16 @@ async def serve(settings: SchedulerSettings, identity: ServerIdentity, stop: asy
         log.info("scheduler %s stopped", identity.id)
 
 
-async def _stop_consuming_on(stop: asyncio.Event, batcher: Batcher) -> None:
+async def _open(
+    connection: AbstractRobustConnection, settings: SchedulerSettings, queue: Queue, prefetch: int
+) -> AbstractQueue:
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=prefetch)
+    return await amqp.open_queue(channel, settings.namespace, queue)
+
+
+async def _stop_consuming_on(stop: asyncio.Event, presence: Presence, *batchers: Batcher) -> None:
     await stop.wait()
-    await batcher.stop_consuming()
+    await presence.announce(ServerStatus.DRAINING)
+    for batcher in batchers:
+        await batcher.stop_consuming()
