@@ -34,5 +34,9 @@ unit: install
 run: migrate
 	$(RUN) python deploy/run_stack.py
 
+# The long randomized failure run; e.g. make chaos CHAOS_ARGS="--faults 200 --seed 7".
+chaos: install services
+	$(RUN) python deploy/chaos.py $(CHAOS_ARGS)
+
 clean:
 	rm -rf .paceline .venv

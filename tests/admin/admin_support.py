@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import uuid
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -13,11 +14,14 @@ import httpx
 import orjson
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from paceline_contracts.states import ActivityStatus, InstanceStatus
+from paceline_contracts.messages import HEARTBEAT, ServerHeartbeat
+from paceline_contracts.states import ActivityStatus, InstanceStatus, ServerKind, ServerStatus
 from paceline_engine.state import ActivityState, Flag, InstanceState
 
 TOKEN = "test-token-" + secrets.token_hex(16)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+HEARTBEAT_S = 0.5
+"""How often the admin apps and processes of these tests heartbeat (PACELINE_SERVER_HEARTBEAT_S)."""
 
 SIMPLE = {
     "inputs": {"host": {"type": "string"}, "count": {"type": "integer", "default": 1}},
@@ -126,3 +130,65 @@ async def insert_instance(
         f"00-{trace_id}-{secrets.token_hex(8)}-01",
     )
     return str(instance_id), trace_id
+
+
+async def insert_server(
+    pool: asyncpg.Pool,
+    *,
+    kind: ServerKind = ServerKind.ACTIVITY_WORKER,
+    status: ServerStatus = ServerStatus.ACTIVE,
+    silent_s: float = 0.0,
+    started_at: datetime | None = None,
+    in_flight: Sequence[Any] = (),
+    server_id: str | None = None,
+) -> str:
+    """A registry row as the scheduler writes it from a heartbeat `silent_s` seconds ago."""
+    server_id = server_id or unique(kind.value)
+    await pool.execute(
+        "INSERT INTO servers (id, kind, host, pid, started_at, status, last_heartbeat,"
+        " reported_at, in_flight)"
+        " VALUES ($1, $2, 'test-host', 4242, coalesce($3, now() - interval '1 hour'), $4,"
+        " now() - make_interval(secs => $5::float8), now() - make_interval(secs => $5::float8),"
+        " $6::jsonb)",
+        server_id,
+        kind.value,
+        started_at,
+        status.value,
+        silent_s,
+        list(in_flight),
+    )
+    return server_id
+
+
+async def insert_from(pool: asyncpg.Pool, beat: ServerHeartbeat) -> None:
+    """The row the scheduler's registry writes for a heartbeat."""
+    await pool.execute(
+        "INSERT INTO servers (id, kind, host, pid, started_at, status, last_heartbeat,"
+        " reported_at, in_flight)"
+        " VALUES ($1, $2, $3, $4, $5, $6, now(), $7, $8::jsonb)",
+        beat.server_id,
+        beat.kind.value,
+        beat.host,
+        beat.pid,
+        beat.started_at,
+        beat.status.value,
+        beat.at,
+        [f.model_dump(mode="json") for f in beat.in_flight],
+    )
+
+
+async def next_heartbeat(
+    queue: AbstractQueue, wanted: Callable[[ServerHeartbeat], bool], timeout_s: float = 10.0
+) -> ServerHeartbeat:
+    """The next heartbeat on the servers queue that is `wanted` (others are taken and dropped)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        message = await queue.get(no_ack=True, fail=False)
+        if message is None:
+            await asyncio.sleep(0.02)
+            continue
+        beat = HEARTBEAT.validate_json(message.body)
+        if wanted(beat):
+            return beat
+    raise AssertionError(f"no such heartbeat within {timeout_s}s")

@@ -14,7 +14,7 @@ import aio_pika
 import asyncpg
 import httpx
 import pytest
-from admin_support import AUTH, TOKEN
+from admin_support import AUTH, HEARTBEAT_S, TOKEN
 from aio_pika.abc import AbstractChannel, AbstractQueue
 from fastapi import FastAPI
 
@@ -22,6 +22,7 @@ from paceline_admin.app import create_app
 from paceline_admin.settings import AdminSettings
 from paceline_contracts.queues import (
     Queue,
+    control_exchange_name,
     dead_letter_exchange_name,
     dead_queue_name,
     exchange_name,
@@ -57,8 +58,13 @@ def namespace() -> str:
 
 @pytest.fixture(scope="session")
 def settings(database_url: str, namespace: str) -> AdminSettings:
+    # Heartbeats twice a second, so that tests that wait for one wait briefly.
     return AdminSettings(
-        database_url=database_url, namespace=namespace, amqp_url=AMQP_URL, admin_token=TOKEN
+        database_url=database_url,
+        namespace=namespace,
+        amqp_url=AMQP_URL,
+        admin_token=TOKEN,
+        server_heartbeat_s=HEARTBEAT_S,
     )
 
 
@@ -71,7 +77,11 @@ async def broker(namespace: str) -> AsyncIterator[AbstractChannel]:
     for queue in Queue:
         for name in (queue_name(namespace, queue), dead_queue_name(namespace, queue)):
             await channel.queue_delete(name)
-    for name in (exchange_name(namespace), dead_letter_exchange_name(namespace)):
+    for name in (
+        exchange_name(namespace),
+        dead_letter_exchange_name(namespace),
+        control_exchange_name(namespace),
+    ):
         await channel.exchange_delete(name)
     await connection.close()
 
@@ -116,3 +126,15 @@ async def commands(broker: AbstractChannel, app: FastAPI, namespace: str) -> Abs
     queue = await broker.declare_queue(queue_name(namespace, Queue.COMMANDS), passive=True)
     await queue.purge()
     return queue
+
+
+@pytest.fixture
+async def heartbeats(broker: AbstractChannel, app: FastAPI, namespace: str) -> AbstractQueue:
+    """The servers queue (no scheduler consumes it in these tests): every heartbeat sent."""
+    return await broker.declare_queue(queue_name(namespace, Queue.SERVERS), passive=True)
+
+
+@pytest.fixture
+async def no_servers(pool: asyncpg.Pool) -> None:
+    """An empty server registry (the tests insert the rows the scheduler would write)."""
+    await pool.execute("DELETE FROM servers")

@@ -22,6 +22,9 @@ V1_ROUTES = [
     ("GET", f"/v1/instances/{SOME_ID}/history"),
     ("POST", f"/v1/instances/{SOME_ID}/activities/some-step/resolve"),
     ("GET", "/v1/flags"),
+    ("GET", "/v1/servers"),
+    ("POST", "/v1/servers/some-server/drain"),
+    ("DELETE", "/v1/servers/some-server"),
 ]
 WRONG_CREDENTIALS = [
     None,
@@ -47,7 +50,8 @@ def test_the_route_table_covers_every_v1_route(app: FastAPI) -> None:
             path.replace("some-name", "{name}")
             .replace("/versions/1", "/versions/{version}")
             .replace(str(SOME_ID), "{instance_id}")
-            .replace("some-step", "{step}"),
+            .replace("some-step", "{step}")
+            .replace("some-server", "{server_id}"),
         )
         for method, path in V1_ROUTES
     }

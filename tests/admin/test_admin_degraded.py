@@ -1,4 +1,5 @@
-"""When the broker or the database goes away: readiness says so, and nothing is lost."""
+"""When the broker or the database goes away: readiness says so, and nothing is lost.
+The app's lifespan still ends cleanly (its last heartbeats are given up)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from admin_support import (
     create_definition,
     flagged,
     insert_instance,
+    insert_server,
     unique,
 )
 
@@ -51,6 +53,10 @@ async def test_without_the_broker_starts_wait_in_the_outbox_and_commands_are_503
                 f"/v1/instances/{flagged_id}/activities/first/resolve", json={"action": "retry"}
             )
             assert "resolve" in assert_problem(resolve, 503)["detail"]
+            server = await insert_server(pool)
+            drain = assert_problem(await own.post(f"/v1/servers/{server}/drain"), 503)
+            assert "drain" in drain["detail"]
+            await pool.execute("DELETE FROM servers WHERE id = $1", server)
 
             await app.state.resources.pool.close()
             assert "database" in assert_problem(await own.get("/readyz"), 503)["detail"]

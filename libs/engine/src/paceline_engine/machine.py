@@ -160,16 +160,19 @@ class _Apply:
             event.step,
             event.attempt,
         )
-        if event.attempt < step.retry.max_attempts:
+        # Failures are counted apart from attempts: attempts also end in crashes, time-outs and
+        # operator retries, which must not use up the author's retry policy.
+        activity.failures += 1
+        if activity.failures < step.retry.max_attempts:
             reason = (
-                f"attempt {event.attempt} of {step.retry.max_attempts} failed; "
+                f"failure {activity.failures} of {step.retry.max_attempts} allowed; "
                 f"retrying after {step.retry.backoff_s:g}s"
             )
             not_before = self.now + timedelta(seconds=step.retry.backoff_s)
-            self.dispatch(step, event.attempt + 1, not_before, reason, HistoryKind.RETRY)
+            self.dispatch(step, activity.attempt + 1, not_before, reason, HistoryKind.RETRY)
         else:
             activity.status = ActivityStatus.FAILED
-            activity.reason = f"failed after {event.attempt} attempt(s)"
+            activity.reason = f"failed {activity.failures} time(s)"
         self.advance()
 
     def claim(self, event: Claim) -> None:
@@ -286,6 +289,16 @@ class _Apply:
             return
         if activity.status is ActivityStatus.INTERRUPTED:
             return
+        if event.attempt not in (activity.attempt, activity.message_attempt):
+            # A copy of an older attempt's message: the attempt running now crashed nothing.
+            self.note(
+                HistoryKind.IGNORED,
+                f"quarantine of attempt {event.attempt} ignored: the activity is at attempt "
+                f"{activity.attempt}",
+                event.step,
+                event.attempt,
+            )
+            return
         self.flag(
             activity,
             event.step,
@@ -306,6 +319,8 @@ class _Apply:
         ):
             return  # it ended in time, or is already handled: timers leave no trace then
         step = self.definition.activity(event.step)
+        if step.timeout_s is None:
+            return  # no timer of ours: a stray message (e.g. a definition without timeouts)
         self.timed_out(
             step,
             activity,
@@ -516,6 +531,7 @@ class _Apply:
             restartable=restartable,
             reason=reason,
             interruptions=previous.interruptions if previous else 0,
+            failures=previous.failures if previous else 0,
         )
         self.changed.add(step.id)
         self.decisions.append(

@@ -54,6 +54,8 @@ class ActivityState(BaseModel):
     claimed_at: datetime | None = None
     interruptions: int = 0
     """Attempts lost to a crash or a time-out; bounded by the crash budget."""
+    failures: int = 0
+    """Attempts that reported a failure; bounded by the step's retry policy."""
     flag: Flag | None = None
     """Set while the activity is INTERRUPTED, waiting for an operator."""
 

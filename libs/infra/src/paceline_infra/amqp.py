@@ -42,6 +42,12 @@ REASON_HEADER = "x-paceline-reason"
 SOURCE_HEADER = "x-paceline-queue"
 
 
+def _reraise_if_cancelled() -> None:
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def invalid_reason(what: str, error: ValidationError) -> str:
     """The dead-letter reason for a message that does not parse: what it should have been,
     and where it is wrong (at most ten problems)."""
@@ -132,20 +138,26 @@ class Publisher:
     async def publish(self, message: Outgoing) -> None:
         """Returns once the broker has the message (a quorum of replicas, for quorum queues);
         raises when it refused it, could not route it, or the connection dropped."""
-        await self._exchange.publish(
-            aio_pika.Message(
-                message.body,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                content_type="application/json",
-                message_id=message.message_id,
-                type=message.message_type,
-                headers=dict(message.headers),
-                reply_to=message.reply_to,
-                correlation_id=message.correlation_id,
-            ),
-            routing_key=message.queue.value,
-            mandatory=True,
-        )
+        try:
+            await self._exchange.publish(
+                aio_pika.Message(
+                    message.body,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    content_type="application/json",
+                    message_id=message.message_id,
+                    type=message.message_type,
+                    headers=dict(message.headers),
+                    reply_to=message.reply_to,
+                    correlation_id=message.correlation_id,
+                ),
+                routing_key=message.queue.value,
+                mandatory=True,
+            )
+        except asyncio.CancelledError:
+            _reraise_if_cancelled()
+            # aiormq cancels the wait for a confirm when the connection drops: for the caller
+            # that is a failed publish, to retry, not a reason to stop.
+            raise ConnectionError("the connection dropped before the broker confirmed") from None
 
     async def publish_all(self, messages: Iterable[Outgoing]) -> list[BaseException | None]:
         """Publish concurrently (confirms overlap instead of one round trip each); the result

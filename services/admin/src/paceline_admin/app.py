@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
 
-from paceline_admin import definitions, flags, health, instances, problems
+from paceline_admin import definitions, flags, health, instances, problems, servers
 from paceline_admin.auth import token_first
 from paceline_admin.body_limit import BodyLimit
+from paceline_admin.presence import present
 from paceline_admin.resources import open_resources
 from paceline_admin.settings import MAX_BODY_BYTES, AdminSettings
 from paceline_contracts.states import ServerKind
@@ -24,16 +26,29 @@ YAML is 400, bodies over 1 MiB 413, invalid definitions, inputs and parameters 4
 definitions, definition versions, instances and steps 404. A command the current state does
 not allow (cancelling an ended instance, resolving an activity that is not flagged) is 409;
 a command the broker cannot take right now is 503 (nothing was sent: try again).
+
+Every server (scheduler, activity-worker, reporting, admin) reports itself to the server
+registry with heartbeats; `/v1/servers` lists them and drains or removes one. This admin
+process is one of them: drained, it answers the drain, then finishes its requests and exits.
 """
 
 
 def create_app(settings: AdminSettings, identity: ServerIdentity | None = None) -> FastAPI:
+    """The app. Its lifespan opens the database pool and the broker connection, and makes the
+    app present in the server registry as `identity` (one per process). `app.state.stop` is
+    set when a drain for this server arrives: whoever serves the app must then stop serving
+    (`paceline-admin run` does); the lifespan's end reports the server DRAINED."""
     identity = identity or ServerIdentity(ServerKind.ADMIN)
+    stop = asyncio.Event()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_resources(settings, identity) as resources:
+        async with (
+            open_resources(settings, identity) as resources,
+            present(settings, identity, resources, stop) as presence,
+        ):
             app.state.resources = resources
+            app.state.presence = presence
             yield
 
     app = FastAPI(
@@ -45,12 +60,14 @@ def create_app(settings: AdminSettings, identity: ServerIdentity | None = None) 
     )
     app.state.settings = settings
     app.state.identity = identity
+    app.state.stop = stop
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     problems.install(app, on_validation=token_first(problems.on_validation_error))
     app.include_router(health.router)
     app.include_router(definitions.router)
     app.include_router(instances.router)
     app.include_router(flags.router)
+    app.include_router(servers.router)
 
     default_openapi = app.openapi
 

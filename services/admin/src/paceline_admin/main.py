@@ -37,8 +37,11 @@ class _Server(uvicorn.Server):
 
 
 async def _serve(settings: AdminSettings, identity: ServerIdentity) -> None:
+    application = create_app(settings, identity)
+    # Set by a drain (through the app's presence) or by a signal: either way, stop serving.
+    stop: asyncio.Event = application.state.stop
     config = uvicorn.Config(
-        create_app(settings, identity),
+        application,
         host="0.0.0.0",
         port=settings.admin_port,
         log_config=None,
@@ -48,16 +51,29 @@ async def _serve(settings: AdminSettings, identity: ServerIdentity) -> None:
     )
     server = _Server(config)
 
-    def stop(sig: signal.Signals) -> None:
+    def on_signal(sig: signal.Signals) -> None:
         log.info("%s: finishing requests in flight, then stopping", sig.name)
         if server.should_exit:
             server.force_exit = True  # a second signal: do not wait any longer
         server.should_exit = True
+        stop.set()  # reported as DRAINING at once, DRAINED when the lifespan ends
+
+    async def exit_when_stopped() -> None:
+        await stop.wait()
+        # Also when it comes during the lifespan's startup: uvicorn then skips serving but
+        # still shuts down (and so ends the lifespan, which reports DRAINED).
+        if not server.should_exit:
+            log.info("drain requested: finishing requests in flight, then stopping")
+        server.should_exit = True
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop, sig)
-    await server.serve()
+        loop.add_signal_handler(sig, on_signal, sig)
+    watcher = asyncio.create_task(exit_when_stopped(), name="exit when stopped")
+    try:
+        await server.serve()
+    finally:
+        watcher.cancel()
     if server.started:
         log.info("stopped")
     else:
@@ -66,7 +82,8 @@ async def _serve(settings: AdminSettings, identity: ServerIdentity) -> None:
 
 @app.command()
 def run() -> None:
-    """Serve the admin API on 0.0.0.0:PACELINE_ADMIN_PORT until SIGTERM or SIGINT."""
+    """Serve the admin API on 0.0.0.0:PACELINE_ADMIN_PORT until SIGTERM, SIGINT or a drain
+    (`POST /v1/servers/{id}/drain`); then finish the requests in flight and exit 0."""
     try:
         settings = AdminSettings()
     except ValidationError as exc:

@@ -1,6 +1,8 @@
-"""What the routes share: the process database pool and the AMQP publisher.
+"""What the routes share: the process database pool, the AMQP publisher and the control
+exchange (drains to one server).
 
-Opened once by the app's lifespan and handed to routes as dependencies (`Db`, `Broker`).
+Opened once by the app's lifespan and handed to routes as dependencies (`Db`, `Broker`,
+`Control`).
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated
 
+import aio_pika
 import asyncpg
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 from fastapi import Depends, Request
 
 from paceline_admin.settings import AdminSettings
+from paceline_contracts.queues import control_exchange_name
 from paceline_infra import amqp, db
 from paceline_infra.amqp import Publisher
 from paceline_infra.identity import ServerIdentity
@@ -28,6 +32,9 @@ class Resources:
     pool: asyncpg.Pool
     connection: AbstractRobustConnection
     publisher: Publisher
+    control: AbstractExchange
+    """The control exchange, on a channel of its own with publisher confirms and
+    `on_return_raises`: a drain that no server's queue takes raises instead of vanishing."""
 
 
 @asynccontextmanager
@@ -39,12 +46,20 @@ async def open_resources(
         connection = await amqp.connect(settings, name=identity.id)
         try:
             publisher = await Publisher.open(connection, settings.namespace)
+            control_channel = await connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            control = await control_channel.declare_exchange(
+                control_exchange_name(settings.namespace),
+                aio_pika.ExchangeType.DIRECT,
+                durable=True,
+            )
             log.info(
                 "admin connected to %s and the broker (namespace %s)",
                 db.redact(settings.database_url),
                 settings.namespace,
             )
-            yield Resources(pool, connection, publisher)
+            yield Resources(pool, connection, publisher, control)
         finally:
             await connection.close()
     finally:
@@ -68,6 +83,11 @@ def get_connection(request: Request) -> AbstractRobustConnection:
     return _resources(request).connection
 
 
+def get_control(request: Request) -> AbstractExchange:
+    return _resources(request).control
+
+
 Db = Annotated[asyncpg.Pool, Depends(get_pool)]
 Broker = Annotated[Publisher, Depends(get_publisher)]
 BrokerConnection = Annotated[AbstractRobustConnection, Depends(get_connection)]
+Control = Annotated[AbstractExchange, Depends(get_control)]

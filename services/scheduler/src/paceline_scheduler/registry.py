@@ -35,13 +35,13 @@ class Registry:
         if newest:
             await self._pool.executemany(
                 """
-                INSERT INTO servers (id, kind, host, pid, started_at, status, last_heartbeat,
-                                     in_flight)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                INSERT INTO servers (id, kind, host, pid, started_at, status, reported_at,
+                                     last_heartbeat, in_flight)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8)
                 ON CONFLICT (id) DO UPDATE SET
-                    status = excluded.status, last_heartbeat = excluded.last_heartbeat,
-                    in_flight = excluded.in_flight
-                WHERE servers.last_heartbeat <= excluded.last_heartbeat
+                    status = excluded.status, reported_at = excluded.reported_at,
+                    last_heartbeat = excluded.last_heartbeat, in_flight = excluded.in_flight
+                WHERE servers.reported_at <= excluded.reported_at
                 """,
                 [
                     (
