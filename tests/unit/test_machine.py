@@ -12,7 +12,7 @@ import pytest
 from paceline_contracts.messages import ActivityError
 from paceline_contracts.states import ActivityStatus, InstanceStatus
 from paceline_engine.definitions import Definition, parse_definition
-from paceline_engine.machine import (
+from paceline_engine.events import (
     ActivityCompleted,
     ActivityFailed,
     Cancel,
@@ -21,10 +21,8 @@ from paceline_engine.machine import (
     Finish,
     HistoryKind,
     Start,
-    Transition,
-    apply,
-    new_instance,
 )
+from paceline_engine.machine import Transition, apply, new_instance
 from paceline_engine.state import InstanceState
 
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)

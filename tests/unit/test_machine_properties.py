@@ -384,18 +384,13 @@ class Scheduler:
         event_error = ActivityError(kind=outcome, message=f"{step} attempt {attempt}")
         if outcome == "timeout":
             assert after.interruptions == self.timeouts[step]
-            retry_due: bool | None = self.timeouts[step] < CRASH_BUDGET
-        elif self.failures[step] >= act.max_attempts:
-            retry_due = False  # the retry policy is spent
-        elif attempt < act.max_attempts:
-            retry_due = True
+            retry_due = self.timeouts[step] < CRASH_BUDGET
         else:
-            # Failures left, but time-outs used up the attempt numbers: the engine fails it
-            # (see test_machine_failover.py::test_a_failure_after_a_time_out_still_gets_its_retries,
-            # a strict xfail); accept either until that is settled.
-            retry_due = None
+            # However many attempts time-outs took, the retry policy counts failures.
+            assert after.failures == self.failures[step]
+            retry_due = self.failures[step] < act.max_attempts
         retried = (step, attempt + 1) in self.outstanding
-        assert retry_due is None or retried is retry_due, (step, attempt, outcome, retry_due)
+        assert retried is retry_due, (step, attempt, outcome, retry_due)
         if retried:
             assert t.state.status is InstanceStatus.RUNNING
             assert (after.attempt, after.status) == (attempt + 1, ActivityStatus.SCHEDULED)

@@ -303,8 +303,10 @@ class _Apply:
             activity,
             event.step,
             "crash_budget",
-            f"crash budget exhausted: delivered {event.deliveries} times and a worker "
-            f"went down each time; quarantined by {event.server_id}",
+            f"crash budget exhausted: attempt {activity.attempt} (last held by "
+            f"{activity.claimed_by or 'no server'} since {_at(activity.claimed_at)}) was "
+            f"delivered {event.deliveries} times and a worker went down each time; quarantined "
+            f"by {event.server_id}",
             activity.claimed_by,
             activity.claimed_at,
         )
@@ -359,6 +361,8 @@ class _Apply:
         step = self.definition.activity(event.step)
         if event.action == "retry":
             self.dispatch(step, activity.attempt + 1, None, f"{event.by} chose retry")
+            # The operator took responsibility for running it again: a fresh crash budget.
+            self.state.activities[event.step].interruptions = 0
         elif event.action == "skip":
             activity.status = ActivityStatus.SKIPPED
             activity.output = {} if event.output is None else event.output
