@@ -402,7 +402,9 @@ def test_redeliveries_and_time_outs_share_the_crash_budget() -> None:
     run.claim("x", "w3", wants_reply=False)
     since = run.now
     t = run.crash("x", "w4", deliveries=1)  # interruption 3 of 3: flagged, not run
-    assert t.decisions == [AnswerClaim(False, 3, "flagged: crash budget exhausted")]
+    assert t.decisions == [
+        AnswerClaim(False, 3, "flagged: crash budget exhausted", quarantine=True)
+    ]
     assert kinds(t) == [HistoryKind.REDELIVERED, HistoryKind.FLAGGED]
     x = run.state.activities["x"]
     assert (x.status, x.attempt, x.interruptions) == (ActivityStatus.INTERRUPTED, 3, 3)
@@ -425,7 +427,9 @@ def test_a_crash_budget_of_one_flags_the_first_redelivery() -> None:
     run.start()
     run.claim("x", "w1", wants_reply=False)
     t = run.crash("x", "w2")
-    assert t.decisions == [AnswerClaim(False, 1, "flagged: crash budget exhausted")]
+    assert t.decisions == [
+        AnswerClaim(False, 1, "flagged: crash budget exhausted", quarantine=True)
+    ]
     flag = run.state.activities["x"].flag
     assert flag is not None
     assert flag.kind == "crash_budget"
@@ -1003,7 +1007,9 @@ def test_a_restarted_attempt_whose_server_dies_too_runs_again() -> None:
     assert (t.decisions, t.history) == ([AnswerClaim(True, 3, "granted")], [])
     # A third death exhausts the crash budget: flagged, naming the last holder.
     t = run.crash("x", "w4", attempt=1, deliveries=3)
-    assert t.decisions == [AnswerClaim(False, 3, "flagged: crash budget exhausted")]
+    assert t.decisions == [
+        AnswerClaim(False, 3, "flagged: crash budget exhausted", quarantine=True)
+    ]
     x = run.state.activities["x"]
     assert x.flag is not None
     assert (x.flag.kind, x.flag.attempt, x.flag.server_id) == ("crash_budget", 3, "w3")
@@ -1683,3 +1689,21 @@ def test_any_interleaving_of_results_crashes_and_decisions(
     ):
         n = c.seen.get(what, 0)
         event(f"{what}: {n if n < 3 else '3+'}")
+
+
+def test_a_late_claim_of_an_older_delivery_is_refused_not_restarted() -> None:
+    """Found by `make chaos`: w2's claim (delivery 2) reached the scheduler after w3's claim
+    of delivery 3 (w2 was frozen, then killed). Restarting for w2 would have handed the attempt
+    to a dead worker while w3's copy was acked as late: the activity was lost."""
+    run = Run(parse(noop("x")))
+    run.start()
+    run.claim("x", "w1", wants_reply=False)
+    run.crash("x", "w3", deliveries=2)  # w3 holds delivery 3, as attempt 2
+    before = dump(run.state)
+    t = run.crash("x", "w2", attempt=1, deliveries=1)  # delivery 2, late
+    assert t.decisions == [AnswerClaim(False, 1, "attempt 1 is already claimed by w3")]
+    assert kinds(t) == [HistoryKind.CLAIM_REFUSED]
+    assert "delivery 2 is older than the holder's 3" in t.history[0].reason
+    after = dump(run.state)
+    assert after == before, "nothing but history changes"
+    assert (run.attempt("x"), run.state.activities["x"].claimed_by) == (2, "w3")

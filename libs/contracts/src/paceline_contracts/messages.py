@@ -176,6 +176,8 @@ class ClaimReply(Message):
     attempt: int
     """The attempt to run under: a redelivered restartable activity gets a new one."""
     reason: str
+    quarantine: bool = False
+    """Refused as a poison (crash budget exhausted): dead-letter the message, do not ack it."""
 
 
 CLAIM = TypeAdapter[ClaimAttempt](ClaimAttempt)

@@ -121,6 +121,8 @@ class AnswerClaim:
     granted: bool
     attempt: int
     reason: str
+    quarantine: bool = False
+    """Refused as a poison: the worker moves the message to the dead-letter queue."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -193,7 +193,7 @@ class _Apply:
         holder, since = activity.claimed_by, activity.claimed_at
         if holder is None or holder == event.server_id:
             if holder is None:
-                self.hold(activity, event.step, event.server_id, event.at)
+                self.hold(activity, event.step, event.server_id, event.at, event.delivery_count)
                 how = " (redelivered, but never started before)" if event.redelivered else ""
                 self.note(
                     HistoryKind.CLAIMED,
@@ -204,13 +204,22 @@ class _Apply:
                 )
             self.answer(event, True, activity.attempt, "granted")
             return
-        if not event.redelivered:
-            # A second copy of a message (a publish repeated after a crash), not a crash.
+        if not event.redelivered or event.delivery_count <= activity.claim_delivery:
+            # A second copy of the message (a publish repeated after a crash), or an older
+            # delivery of it whose claim arrived late: the holder has a newer one. Not a crash.
+            what = (
+                "a duplicate delivery"
+                if not event.redelivered
+                else (
+                    f"delivery {event.delivery_count + 1} is older than the holder's "
+                    f"{activity.claim_delivery + 1}"
+                )
+            )
             reason = f"attempt {event.attempt} is already claimed by {holder}"
             self.answer(event, False, event.attempt, reason)
             self.note(
                 HistoryKind.CLAIM_REFUSED,
-                f"{event.server_id}: {reason} (a duplicate delivery)",
+                f"{event.server_id}: {reason} ({what})",
                 event.step,
                 event.attempt,
             )
@@ -250,10 +259,12 @@ class _Apply:
                 holder,
                 since,
             )
-            self.answer(event, False, activity.attempt, "flagged: crash budget exhausted")
+            self.answer(
+                event, False, activity.attempt, "flagged: crash budget exhausted", quarantine=True
+            )
             return
         activity.attempt += 1
-        self.hold(activity, event.step, event.server_id, event.at)
+        self.hold(activity, event.step, event.server_id, event.at, event.delivery_count)
         self.note(
             HistoryKind.RESTARTED,
             f"restartable: running again as attempt {activity.attempt} on {event.server_id}",
@@ -423,10 +434,13 @@ class _Apply:
         activity.status = ActivityStatus.RUNNING
         self.refresh_status()
 
-    def hold(self, activity: ActivityState, step: str, server: str, at: datetime) -> None:
+    def hold(
+        self, activity: ActivityState, step: str, server: str, at: datetime, delivery: int = 0
+    ) -> None:
         activity.status = ActivityStatus.RUNNING
         activity.claimed_by = server
         activity.claimed_at = at
+        activity.claim_delivery = delivery
         activity.server_id = server
         activity.started_at = at
         self.changed.add(step)
@@ -435,9 +449,11 @@ class _Apply:
             at_latest = at + timedelta(seconds=timeout + self.policy.deadline_grace_s)
             self.decisions.append(SetDeadline(step, activity.attempt, at_latest))
 
-    def answer(self, event: Claim, granted: bool, attempt: int, reason: str) -> None:
+    def answer(
+        self, event: Claim, granted: bool, attempt: int, reason: str, *, quarantine: bool = False
+    ) -> None:
         if event.wants_reply:
-            self.decisions.append(AnswerClaim(granted, attempt, reason))
+            self.decisions.append(AnswerClaim(granted, attempt, reason, quarantine))
 
     def timed_out(
         self, step: ActivityStep, activity: ActivityState, what: str, server: str | None

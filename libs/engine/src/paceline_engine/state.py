@@ -52,6 +52,8 @@ class ActivityState(BaseModel):
     claimed_by: str | None = None
     """The server that claimed the current attempt: it may have started it."""
     claimed_at: datetime | None = None
+    claim_delivery: int = 0
+    """The broker's delivery count of the holder's copy: an older delivery's claim is stale."""
     interruptions: int = 0
     """Attempts lost to a crash or a time-out; bounded by the crash budget."""
     failures: int = 0

@@ -96,9 +96,15 @@ async def drive(
     async for batch in batcher.batches(stop):
         try:
             await handle(batch)
-        except DB_DOWN as exc:
+        except Exception as exc:
+            # The database or the broker is away (a channel not yet restored after a broker
+            # restart fails too): the deliveries go back to their queue, and we try again.
             log.warning(
-                "%s: database unavailable (%s); requeueing %d deliveries", what, exc, len(batch)
+                "%s: %s (%s); requeueing %d deliveries",
+                what,
+                "database unavailable" if isinstance(exc, DB_DOWN) else "failed",
+                exc,
+                len(batch),
             )
             for d in batch:
                 try:

@@ -12,6 +12,7 @@ here; an attempt it already finished gets its result again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections import OrderedDict
@@ -45,7 +46,7 @@ AttemptKey = tuple[uuid.UUID, str, int]
 _FINISHED_KEPT = 10_000
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared and hashed by identity: one per delivery
 class _InFlight:
     task: ActivityTask
     deliveries: list[AbstractIncomingMessage]
@@ -61,8 +62,9 @@ class RunnerConfig:
     server_id: str
     concurrency: int
     """Activities run at once; more may be prefetched, but not started nor claimed."""
-    crash_budget: int
-    """Deliveries of one message that may end in a crash before it is quarantined."""
+    max_deliveries: int
+    """A backstop: a message delivered this often is quarantined without being run. (The
+    crash budget, counted by the scheduler from claims, normally acts first.)"""
 
 
 class ActivityRunner:
@@ -70,12 +72,15 @@ class ActivityRunner:
         self, config: RunnerConfig, publisher: Publisher, claimer: Claimer, http: httpx.AsyncClient
     ) -> None:
         self._server_id = config.server_id
-        self._crash_budget = config.crash_budget
+        self._max_deliveries = config.max_deliveries
         self._slots = asyncio.Semaphore(config.concurrency)
         self._publisher = publisher
         self._claimer = claimer
         self._http = http
-        self._in_flight: dict[AttemptKey, _InFlight] = {}
+        self._flights: set[_InFlight] = set()
+        """Every delivery being handled: waiting for a slot, claiming, or running."""
+        self._running: dict[AttemptKey, _InFlight] = {}
+        """By the attempt actually run (the one the scheduler granted)."""
         self._finished: OrderedDict[AttemptKey, Outgoing] = OrderedDict()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -85,35 +90,43 @@ class ActivityRunner:
             InFlightActivity(
                 instance_id=f.task.instance_id, step=f.task.step, attempt=f.task.attempt
             )
-            for f in self._in_flight.values()
+            for f in self._flights
         ]
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         try:
+            await self._receive(message)
+        except Exception:
+            # E.g. the publisher's channel is not restored yet after a broker restart.
+            log.exception("could not take an activity message; it goes back to the queue")
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
+
+    async def _receive(self, message: AbstractIncomingMessage) -> None:
+        try:
             task = ACTIVITY_TASK.validate_json(message.body)
         except ValidationError as exc:
-            reason = invalid_reason("activity message", exc)
-            await self._publisher.dead_letter(Queue.ACTIVITIES, message, reason)
+            await self._publisher.dead_letter(
+                Queue.ACTIVITIES, message, invalid_reason("activity message", exc)
+            )
             return
         delivery_count = _delivery_count(message)
-        if delivery_count >= self._crash_budget:
+        if delivery_count >= self._max_deliveries:
             await self._quarantine(task, message, delivery_count + 1)
             return
-        key = (task.instance_id, task.step, task.attempt)
-        if (running := self._in_flight.get(key)) is not None:
-            running.deliveries.append(message)
-            log.info("attempt %s is already running here; will ack its redelivery with it", key)
-            return
-        if (result := self._finished.get(key)) is not None:
-            # Finished here already (its ack was lost with a channel): answer it again.
-            self._spawn(self._settle([message], result))
-            return
         redelivered = message.redelivered or delivery_count > 0
+        if task.restartable and not redelivered:
+            # A second copy of an attempt this worker runs or ran (a repeated publish).
+            key = (task.instance_id, task.step, task.attempt)
+            if (running := self._running.get(key)) is not None:
+                running.deliveries.append(message)
+                return
+            if (result := self._finished.get(key)) is not None:
+                self._spawn(self._settle([message], result))
+                return
         flight = _InFlight(task, [message], redelivered, delivery_count)
-        self._in_flight[key] = flight
-        flight.runner = asyncio.create_task(
-            self._run(key, flight, message.headers), name=f"activity {key}"
-        )
+        self._flights.add(flight)
+        flight.runner = asyncio.create_task(self._run(flight, message.headers))
 
     async def _quarantine(
         self, task: ActivityTask, message: AbstractIncomingMessage, deliveries: int
@@ -147,68 +160,102 @@ class ActivityRunner:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _run(self, key: AttemptKey, flight: _InFlight, headers: Any) -> None:
+    async def _run(self, flight: _InFlight, headers: Any) -> None:
+        try:
+            async with self._slots:
+                outcome = await self._claim_and_execute(flight, headers)
+            if outcome is not None:
+                key, result = outcome
+                self._finished[key] = result
+                while len(self._finished) > _FINISHED_KEPT:
+                    self._finished.popitem(last=False)
+                del self._running[key]
+                await self._settle(flight.deliveries, result)
+        finally:
+            self._flights.discard(flight)
+
+    async def _claim_and_execute(
+        self, flight: _InFlight, headers: Any
+    ) -> tuple[AttemptKey, Outgoing] | None:
+        """Claim when the rule asks for it, then run; None when there is nothing to run
+        here (refused, or joined to the same attempt already running or done here)."""
         task = flight.task
-        async with self._slots:
-            with telemetry.tracer().start_as_current_span(
-                f"run {task.activity_type}",
-                context=telemetry.extract(headers),
-                kind=trace.SpanKind.CONSUMER,
-                attributes={
-                    "paceline.instance_id": str(task.instance_id),
-                    "paceline.step": task.step,
-                    "paceline.attempt": task.attempt,
-                    "paceline.restartable": task.restartable,
-                    "paceline.server_id": self._server_id,
-                    "messaging.rabbitmq.redelivered": flight.redelivered,
-                },
-            ) as span:
-                attempt = task.attempt
-                if not task.restartable or flight.redelivered:
-                    reply = await self._claimer.claim(
-                        task, redelivered=flight.redelivered, delivery_count=flight.delivery_count
+        with telemetry.tracer().start_as_current_span(
+            f"run {task.activity_type}",
+            context=telemetry.extract(headers),
+            kind=trace.SpanKind.CONSUMER,
+            attributes={
+                "paceline.instance_id": str(task.instance_id),
+                "paceline.step": task.step,
+                "paceline.attempt": task.attempt,
+                "paceline.restartable": task.restartable,
+                "paceline.server_id": self._server_id,
+                "messaging.rabbitmq.redelivered": flight.redelivered,
+            },
+        ) as span:
+            attempt = task.attempt
+            if not task.restartable or flight.redelivered:
+                # Only the scheduler knows what happened to this attempt since this copy was
+                # sent (restarted elsewhere? flagged?): ask, and run what it grants.
+                reply = await self._claimer.claim(
+                    task, redelivered=flight.redelivered, delivery_count=flight.delivery_count
+                )
+                span.add_event("claim answered", {"granted": reply.granted, "reason": reply.reason})
+                if not reply.granted:
+                    log.info(
+                        "not running %s/%s attempt %d: %s",
+                        task.instance_id,
+                        task.step,
+                        task.attempt,
+                        reply.reason,
                     )
-                    span.add_event(
-                        "claim answered", {"granted": reply.granted, "reason": reply.reason}
-                    )
-                    if not reply.granted:
-                        log.info("not running %s: %s", key, reply.reason)
-                        del self._in_flight[key]
+                    if reply.quarantine:
+                        for delivery in flight.deliveries:
+                            await self._publisher.dead_letter(
+                                Queue.ACTIVITIES,
+                                delivery,
+                                f"crash budget exhausted: {reply.reason}",
+                            )
+                    else:
                         await self._ack(flight.deliveries)
-                        return
-                    attempt = reply.attempt
-                else:
-                    # Confirmed by the broker before anything runs: if this worker dies, the
-                    # scheduler learns who held the attempt (but no answer is awaited).
-                    await self._claimer.notify(task)
-                span.set_attribute("paceline.attempt.run", attempt)
-                flight.started = True
-                started_at = datetime.now(UTC)
-                status, output, error = await self._execute(task)
-                span.set_attribute("paceline.activity.status", status.value)
-                result = ActivityResult(
-                    instance_id=task.instance_id,
-                    step=task.step,
-                    attempt=attempt,
-                    status=status,
-                    output=output,
-                    error=error,
-                    server_id=self._server_id,
-                    started_at=started_at,
-                    finished_at=datetime.now(UTC),
-                )
-                outgoing = Outgoing(
-                    Queue.RESULTS,
-                    result.model_dump_json().encode(),
-                    result.type,
-                    uuid.uuid4().hex,
-                    telemetry.inject(),
-                )
-        self._finished[key] = outgoing
-        while len(self._finished) > _FINISHED_KEPT:
-            self._finished.popitem(last=False)
-        del self._in_flight[key]
-        await self._settle(flight.deliveries, outgoing)
+                    return None
+                attempt = reply.attempt
+                key = (task.instance_id, task.step, attempt)
+                if (running := self._running.get(key)) is not None:
+                    running.deliveries.extend(flight.deliveries)
+                    return None
+                if (result := self._finished.get(key)) is not None:
+                    await self._settle(flight.deliveries, result)
+                    return None
+            else:
+                key = (task.instance_id, task.step, attempt)
+                # Confirmed by the broker before anything runs: if this worker dies, the
+                # scheduler learns who held the attempt (but no answer is awaited).
+                await self._claimer.notify(task)
+            self._running[key] = flight
+            span.set_attribute("paceline.attempt.run", attempt)
+            flight.started = True
+            started_at = datetime.now(UTC)
+            status, output, error = await self._execute(task)
+            span.set_attribute("paceline.activity.status", status.value)
+            report = ActivityResult(
+                instance_id=task.instance_id,
+                step=task.step,
+                attempt=attempt,
+                status=status,
+                output=output,
+                error=error,
+                server_id=self._server_id,
+                started_at=started_at,
+                finished_at=datetime.now(UTC),
+            )
+            return key, Outgoing(
+                Queue.RESULTS,
+                report.model_dump_json().encode(),
+                report.type,
+                uuid.uuid4().hex,
+                telemetry.inject(),
+            )
 
     async def _execute(
         self, task: ActivityTask
@@ -263,7 +310,7 @@ class ActivityRunner:
         """Friendly shutdown: hand back what has not started at once; give what has started
         up to `grace_s` to finish; cancel the rest, left unacked for the broker to hand to a
         survivor under the failover rule. Returns how many were cancelled while running."""
-        waiting = [f for f in self._in_flight.values() if not f.started]
+        waiting = [f for f in self._flights if not f.started]
         for flight in waiting:
             if flight.runner is not None:
                 flight.runner.cancel()
@@ -274,7 +321,7 @@ class ActivityRunner:
                     await delivery.nack(requeue=True)
                 except Exception:
                     log.debug("nack failed", exc_info=True)
-        running = [f.runner for f in self._in_flight.values() if f.runner and f.started]
+        running = [f.runner for f in self._flights if f.runner and f.started]
         if not running:
             return 0
         _, pending = await asyncio.wait(running, timeout=grace_s)

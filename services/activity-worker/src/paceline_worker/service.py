@@ -27,7 +27,9 @@ async def serve(settings: WorkerSettings, identity: ServerIdentity, stop: asynci
             publisher = await amqp.Publisher.open(connection, settings.namespace)
             claimer = Claimer(identity.id, publisher)
             await claimer.open(connection, settings.namespace)
-            config = RunnerConfig(identity.id, settings.worker_concurrency, settings.crash_budget)
+            config = RunnerConfig(
+                identity.id, settings.worker_concurrency, settings.worker_max_deliveries
+            )
             runner = ActivityRunner(config, publisher, claimer, http)
             presence = Presence(
                 identity,

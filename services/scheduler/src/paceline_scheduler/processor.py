@@ -175,7 +175,15 @@ class Processor:
                 for d in transition.decisions:
                     if isinstance(d, AnswerClaim):
                         outcome.replies.append(
-                            (p, ClaimReply(granted=d.granted, attempt=d.attempt, reason=d.reason))
+                            (
+                                p,
+                                ClaimReply(
+                                    granted=d.granted,
+                                    attempt=d.attempt,
+                                    reason=d.reason,
+                                    quarantine=d.quarantine,
+                                ),
+                            )
                         )
                     else:
                         decisions.append(d)
