@@ -78,6 +78,8 @@ DB_DOWN: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
+    asyncpg.exceptions.OperatorInterventionError,  # e.g. the server is shutting down
+    asyncpg.exceptions.InternalClientError,  # a pooled connection the server closed
     TimeoutError,
 )
 """Errors that mean the database is out of reach, not that a delivery is bad."""

@@ -102,7 +102,7 @@ async def flush(
     if sent:
         try:
             await pool.execute("DELETE FROM outbox WHERE id = ANY($1::uuid[])", sent)
-        except (OSError, asyncpg.PostgresError) as exc:
+        except Exception as exc:  # e.g. a pooled connection the server closed
             # Published but not forgotten: the relay sends them once more; consumers dedupe.
             log.warning("outbox: could not delete %d sent rows: %s", len(sent), exc)
 
@@ -127,8 +127,8 @@ class Relay:
         while not stop.is_set():
             try:
                 sent = await self.relay_once()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("outbox relay: database unavailable: %s", exc)
+            except Exception as exc:  # the relay must outlive any outage
+                log.warning("outbox relay: %s; trying again", exc)
                 sent = 0
             if sent < self._batch:
                 with contextlib.suppress(TimeoutError):

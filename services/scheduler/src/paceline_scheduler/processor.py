@@ -72,6 +72,8 @@ class Processor:
         except DB_DOWN:
             raise  # the database is unreachable: the caller requeues and backs off
         except Exception:
+            if not await self._database_answers():
+                raise  # not this batch's fault: the caller requeues it and backs off
             if len(parsed) == 1:
                 log.exception("scheduler: dead-lettering a delivery it could not apply")
                 await self._dead_letter(parsed[0], "the scheduler could not apply it")
@@ -90,6 +92,13 @@ class Processor:
             if id(p) not in unknown:
                 await p.delivery.message.ack()
         await outbox.flush(self._pool, self._publisher, outcome.messages)
+
+    async def _database_answers(self) -> bool:
+        try:
+            await self._pool.fetchval("SELECT 1")
+        except Exception:  # any failure here means: do not blame the message
+            return False
+        return True
 
     async def _parse(self, delivery: Delivery) -> _Parsed | None:
         try:

@@ -1,0 +1,291 @@
+"""`make chaos`: a seeded, bounded run of random failures against a real stack, then a check
+that every invariant held.
+
+    python deploy/chaos.py [--seed N] [--faults N] [--duration SECONDS]
+                           [--kinds kill,stop,term,rabbitmq,postgres] [--rate N] [--keep]
+
+It starts its own stack (2 schedulers, 3 workers, reporting, admin) in a namespace and databases
+of its own, an HTTP sink that counts non-restartable side effects, and a steady load of
+instances; it injects `--faults` faults spread over `--duration` seconds (SIGKILL, SIGSTOP then
+SIGCONT, SIGTERM drains of schedulers and workers; restarts of RabbitMQ and PostgreSQL, which
+every stack on this machine feels), while a supervisor restarts what died. Then it retries every
+flag as an operator would, waits for the stack to settle and checks the invariants (chaos_check).
+Exit status: 0 when every invariant held, 1 on any violation, 2 when the run itself failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+
+from chaos_api import Api, ApiUnavailable
+from chaos_check import Check, check_all, observe
+from chaos_env import RunEnv, drop_everything
+from chaos_faults import ALL_KINDS, Fault, Injector, plan, unavailable_kinds
+from chaos_load import Load
+from chaos_operator import OPEN, Operator
+from chaos_report import Reporter, fault_table, history_lines, invariant_table
+from chaos_sink import Sink
+from chaos_supervisor import Supervisor
+
+from stack import BIN, COMMANDS, ROOT, Stack
+
+LAYOUT = [("scheduler", 2), ("activity-worker", 3), ("reporting", 1), ("admin", 1)]
+LIVENESS = {
+    # Fast enough that a frozen peer is given up within a run: ~3 heartbeats of 2 s.
+    "PACELINE_AMQP_HEARTBEAT_S": "2",
+    "PACELINE_WORKER_GRACE_S": "5",
+    "PACELINE_DEADLINE_GRACE_S": "3",
+}
+PROGRESS_S = 5.0
+READY_S = 90.0
+
+
+def migrate(stack: Stack, tries: int = 5) -> None:
+    """Stack.migrate, with the migrations' log lines in the run's log instead of the terminal,
+    tried again while another stack on this machine may be restarting PostgreSQL."""
+    stack.log_dir.mkdir(parents=True, exist_ok=True)
+    with (stack.log_dir / "migrate.log").open("ab") as log:
+        for kind in ("scheduler", "reporting"):
+            for attempt in range(tries):
+                done = subprocess.run(
+                    [str(BIN / COMMANDS[kind]), "migrate"],
+                    env={**os.environ, **stack.env},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+                if done.returncode == 0:
+                    break
+                if attempt == tries - 1:
+                    raise RuntimeError(f"{kind} migrate failed: see {log.name}")
+                time.sleep(3)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, help="replay a run (default: from the clock)")
+    parser.add_argument("--faults", type=int, default=200, help="faults to inject (200)")
+    parser.add_argument("--duration", type=float, default=300, help="seconds of faults (300)")
+    parser.add_argument(
+        "--kinds", default=",".join(ALL_KINDS), help=f"comma-separated ({','.join(ALL_KINDS)})"
+    )
+    parser.add_argument("--rate", type=float, default=8, help="instances started per second (8)")
+    parser.add_argument("--settle", type=float, default=120, help="seconds to settle (120)")
+    parser.add_argument("--keep", action="store_true", help="keep databases, queues and logs")
+    args = parser.parse_args(argv)
+    args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = set(args.kinds) - set(ALL_KINDS)
+    if unknown or not args.kinds:
+        parser.error(f"--kinds: unknown {', '.join(sorted(unknown))}; use {','.join(ALL_KINDS)}")
+    if args.faults < 0 or args.duration <= 0 or args.rate <= 0:
+        parser.error("--faults must be >= 0, --duration and --rate > 0")
+    if args.seed is None:
+        args.seed = int(time.time()) % 1_000_000
+    return args
+
+
+async def wait_until(what: str, within_s: float, ready: Callable[[], Awaitable[bool]]) -> None:
+    deadline = time.monotonic() + within_s
+    while not await ready():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {within_s:.0f}s waiting for {what}")
+        await asyncio.sleep(0.5)
+
+
+async def inject_all(rep: Reporter, injector: Injector, faults: list[Fault]) -> None:
+    for fault in faults:
+        await asyncio.sleep(max(0.0, rep.begin + fault.at - time.monotonic()))
+        try:
+            await injector.inject(fault)
+        except RuntimeError as exc:
+            rep.say(f"fault {fault.index + 1}/{len(faults)}: {fault.kind} NOT injected: {exc}")
+            continue
+        fault.injected_at = rep.elapsed()
+        rep.say(f"fault {fault.index + 1}/{len(faults)}: {fault.describe()}")
+
+
+async def progress(
+    rep: Reporter,
+    api: Api,
+    load: Load,
+    faults: list[Fault],
+    supervisor: Supervisor,
+    done: asyncio.Event,
+) -> None:
+    while not done.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), PROGRESS_S)
+        if done.is_set():
+            return
+        injected = sum(f.injected_at is not None for f in faults)
+        services = f"services up {supervisor.up_count()}/{len(supervisor.stack.services)}"
+        try:
+            still_open = await api.items("/v1/instances", {"status": OPEN}, patience=3)
+            flagged = sum(i["status"] == "FLAGGED" for i in still_open)
+            ended = max(0, len(load.started) - len(still_open))
+            counts = f"started {len(load.started)}, ended {ended}, flagged {flagged}"
+        except Exception as exc:  # progress must never end the run
+            counts = f"started {len(load.started)} (API busy: {type(exc).__name__})"
+        rep.say(
+            f"faults {injected}/{len(faults)} | instances {counts} | {services}, "
+            f"restarts {supervisor.restarts}"
+        )
+
+
+async def chaos(args: argparse.Namespace, rep: Reporter, env: RunEnv, stack: Stack) -> bool:
+    """The run itself; True when every invariant held."""
+    timings: dict[str, float] = {}
+    sink = Sink()
+    sink.start()
+    api = Api(env.base_url, env.token)
+    done = asyncio.Event()  # ends the supervisor
+    quiet = asyncio.Event()  # ends the progress lines
+    try:
+        mark = time.monotonic()
+        await asyncio.to_thread(migrate, stack)
+        for kind, count in LAYOUT:
+            for _ in range(count):
+                stack.add(kind)
+        supervisor = Supervisor(stack, random.Random(f"{args.seed}/supervisor"), rep.note)
+
+        async def all_up() -> bool:
+            supervisor.tick()
+            return supervisor.up_count() == len(stack.services) and await api.ready()
+
+        await wait_until("the stack to be ready", READY_S, all_up)
+        load = Load(api, random.Random(f"{args.seed}/load"), args.rate)
+        await load.define(sink.url)
+        timings["set-up"] = time.monotonic() - mark
+
+        faults = plan(random.Random(f"{args.seed}/plan"), args.faults, args.duration, args.kinds)
+        injector = Injector(supervisor, random.Random(f"{args.seed}/targets"))
+        rep.begin = mark = time.monotonic()
+        background = [
+            asyncio.create_task(supervisor.run(done)),
+            asyncio.create_task(progress(rep, api, load, faults, supervisor, quiet)),
+        ]
+        await asyncio.gather(load.run(rep.begin + args.duration), inject_all(rep, injector, faults))
+        timings["faults and load"] = time.monotonic() - mark
+
+        mark = time.monotonic()
+        rep.say("faults over: resuming frozen services, restoring every service")
+        supervisor.resume_all()
+        await wait_until("every service to be up again", READY_S, all_up)
+        rep.say("retrying every flag as an operator, until every instance has ended")
+        operator = Operator(api)
+
+        def settling(still_open: int, flagged: int) -> None:
+            rep.say(f"settling: {still_open} open, {flagged} flagged")
+
+        settled = await operator.settle(args.settle, settling)
+        timings["settle"] = time.monotonic() - mark
+        quiet.set()
+        rep.say("settled" if settled else "NOT settled: instances still open (see the checks)")
+
+        mark = time.monotonic()
+        seen = await observe(api, sink.posts(), operator.retried)
+        checks = await check_all(env, load, seen)
+        timings["checks"] = time.monotonic() - mark
+        done.set()
+        await asyncio.gather(*background)
+        await report(rep, api, args, faults, checks, timings, supervisor, operator)
+        return all(c.ok for c in checks)
+    finally:
+        done.set()
+        quiet.set()
+        await api.close()
+        sink.stop()
+
+
+async def report(
+    rep: Reporter,
+    api: Api,
+    args: argparse.Namespace,
+    faults: list[Fault],
+    checks: list[Check],
+    timings: dict[str, float],
+    supervisor: Supervisor,
+    operator: Operator,
+) -> None:
+    rep.block(["", *fault_table(faults), ""])
+    rep.block([*invariant_table(checks), ""])
+    for instance_id in sorted({i for c in checks if not c.ok for i in c.instances}):
+        try:
+            response = await api.call("GET", f"/v1/instances/{instance_id}/history")
+            rep.block(history_lines(instance_id, response.json().get("items", [])))
+        except ApiUnavailable as exc:
+            rep.say(f"no history for {instance_id}: {exc}")
+    times = ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
+    flags = ", ".join(f"{n} {k}" for k, n in operator.flag_kinds.most_common()) or "none"
+    rep.block(
+        [
+            f"chaos: seed {args.seed}; {times}",
+            f"chaos: service restarts {supervisor.restarts}; flags retried by the operator: "
+            f"{flags}; API calls tried again {api.retries}",
+            f"chaos: {sum(c.ok for c in checks)} of {len(checks)} invariants held: "
+            + ("OK" if all(c.ok for c in checks) else "VIOLATED"),
+        ]
+    )
+
+
+async def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    env = RunEnv.fresh()
+    log_dir = ROOT / ".paceline" / "chaos" / env.namespace
+    rep = Reporter(log_dir / "chaos.log")
+    skipped = {k: why for k, why in unavailable_kinds().items() if k in args.kinds}
+    args.kinds = [k for k in args.kinds if k not in skipped]
+    rep.say(f"seed {args.seed} (replay with --seed {args.seed})")
+    for kind, why in skipped.items():
+        rep.say(f"leaving out {kind} restarts: {why}")
+    rep.say(
+        f"{args.faults} faults ({','.join(args.kinds)}) over {args.duration:.0f}s, "
+        f"{args.rate:g} instances/s; namespace {env.namespace}; logs in {log_dir}"
+    )
+    stack = Stack(env={**env.variables(), **LIVENESS}, log_dir=log_dir)
+    # Ctrl-C or SIGTERM (a CI job's time-out) ends the run the same way: cancelled, then torn
+    # down below, so no service process or name of the run is left behind.
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(signum, main_task.cancel)
+    ok = False
+    try:
+        ok = await chaos(args, rep, env, stack)
+    except asyncio.CancelledError:
+        rep.say("interrupted: stopping the stack")
+        return 130
+    except Exception as exc:
+        rep.say(f"the run failed: {exc!r}")
+        return 2
+    finally:
+        await asyncio.to_thread(stack.stop_all, 30)
+        if args.keep:
+            rep.say(
+                f"kept: namespace {env.namespace}, databases {env.database}, "
+                f"{env.reporting_database}; logs in {log_dir}"
+            )
+        else:
+            try:
+                await drop_everything(env)
+            except Exception as exc:
+                rep.say(f"could not drop {env.namespace}'s databases and queues: {exc!r}")
+            if not ok:
+                rep.say(f"logs kept in {log_dir}")
+        rep.close()
+        if ok and not args.keep:
+            shutil.rmtree(log_dir, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(sys.argv[1:])))

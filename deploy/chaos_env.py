@@ -1,0 +1,180 @@
+"""The chaos run's own names (namespace, databases, port, token), the broker's view of its queues,
+and tearing them down. A run never touches another stack's names, so it works next to `make run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+import asyncpg
+
+from paceline_contracts.queues import (
+    Queue,
+    dead_letter_exchange_name,
+    dead_queue_name,
+    exchange_name,
+    queue_name,
+)
+
+AMQP_URL = os.environ.get("PACELINE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+DATABASE_URL = os.environ.get(
+    "PACELINE_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/paceline"
+)
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def _with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def is_local(url: str) -> bool:
+    """Whether the server behind `url` runs on this machine (so we may restart it)."""
+    return (urlsplit(url).hostname or "127.0.0.1") in LOCAL_HOSTS
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class RunEnv:
+    namespace: str
+    database: str
+    reporting_database: str
+    admin_port: int
+    token: str
+
+    @classmethod
+    def fresh(cls) -> RunEnv:
+        tag = secrets.token_hex(4)
+        return cls(
+            f"plchaos-{tag}",
+            f"plchaos_{tag}",
+            f"plchaos_rep_{tag}",
+            _free_port(),
+            secrets.token_urlsafe(24),
+        )
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def variables(self) -> dict[str, str]:
+        return {
+            "PACELINE_NAMESPACE": self.namespace,
+            "PACELINE_AMQP_URL": AMQP_URL,
+            "PACELINE_DATABASE_URL": _with_database(DATABASE_URL, self.database),
+            "PACELINE_REPORTING_DATABASE_URL": _with_database(
+                DATABASE_URL, self.reporting_database
+            ),
+            "PACELINE_ADMIN_PORT": str(self.admin_port),
+            "PACELINE_ADMIN_TOKEN": self.token,
+        }
+
+    def live_queues(self) -> set[str]:
+        return {queue_name(self.namespace, q) for q in Queue}
+
+    def dead_queues(self) -> set[str]:
+        return {dead_queue_name(self.namespace, q) for q in Queue}
+
+
+async def queue_depths(namespace: str) -> dict[str, int]:
+    """Messages (ready and unacknowledged) in each queue of the namespace."""
+    if shutil.which("rabbitmqctl") and is_local(AMQP_URL):
+        proc = await asyncio.create_subprocess_exec(
+            "rabbitmqctl",
+            "-q",
+            "list_queues",
+            "name",
+            "messages",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        depths = {}
+        for line in out.decode().splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0].startswith(f"{namespace}.") and parts[1].isdigit():
+                depths[parts[0]] = int(parts[1])
+        return depths
+    return await _passive_depths(namespace)
+
+
+async def queue_details(namespace: str) -> dict[str, str]:
+    """Ready, unacknowledged and consumers of each queue of the namespace, when rabbitmqctl
+    can say: what tells a message nobody takes from one a consumer holds and never settles."""
+    if not (shutil.which("rabbitmqctl") and is_local(AMQP_URL)):
+        return {}
+    columns = ("messages_ready", "messages_unacknowledged", "consumers")
+    proc = await asyncio.create_subprocess_exec(
+        *("rabbitmqctl", "-q", "list_queues", "name", *columns),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    found = {}
+    for line in out.decode().splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[0].startswith(f"{namespace}."):
+            found[parts[0]] = ", ".join(f"{c} {v}" for c, v in zip(columns, parts[1:], strict=True))
+    return found
+
+
+async def _passive_depths(namespace: str) -> dict[str, int]:
+    # A passive declare counts only ready messages: good enough once consumers have settled.
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        depths = {}
+        for q in Queue:
+            for name in (queue_name(namespace, q), dead_queue_name(namespace, q)):
+                channel = await connection.channel()
+                try:
+                    declared = await channel.declare_queue(name, passive=True)
+                    depths[name] = declared.declaration_result.message_count or 0
+                except aio_pika.exceptions.ChannelClosed:
+                    pass  # not declared (yet): a closed channel says so
+        return depths
+    finally:
+        await connection.close()
+
+
+async def drop_everything(env: RunEnv, tries: int = 20) -> None:
+    """The run's databases, queues and exchanges; tried again for a while, since a broker or
+    database restart (ours, or another stack's on this machine) may be under way."""
+    for attempt in range(tries):
+        try:
+            await _drop(env)
+            return
+        except (OSError, asyncpg.PostgresError, aio_pika.exceptions.AMQPError):
+            if attempt == tries - 1:
+                raise
+            await asyncio.sleep(3)
+
+
+async def _drop(env: RunEnv) -> None:
+    conn = await asyncpg.connect(_with_database(DATABASE_URL, "postgres"))
+    try:
+        for name in (env.database, env.reporting_database):
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        for name in sorted(env.live_queues() | env.dead_queues()):
+            await channel.queue_delete(name)
+        for name in (exchange_name(env.namespace), dead_letter_exchange_name(env.namespace)):
+            await channel.exchange_delete(name)
+    finally:
+        await connection.close()
