@@ -18,6 +18,9 @@ MAX_HOLD_S = 10.0
 
 
 class _QuietServer(ThreadingHTTPServer):
+    # The default backlog of 5 resets connections when hundreds of activities POST at once.
+    request_queue_size = 1024
+
     def handle_error(self, request: object, client_address: object) -> None:
         pass  # a caller killed mid-request is what a chaos run does, not news
 

@@ -74,16 +74,23 @@ async def broker(namespace: str) -> AsyncIterator[AbstractChannel]:
     connection = await aio_pika.connect(AMQP_URL)
     channel = await connection.channel()
     yield channel
-    for queue in Queue:
-        for name in (queue_name(namespace, queue), dead_queue_name(namespace, queue)):
-            await channel.queue_delete(name)
-    for name in (
-        exchange_name(namespace),
-        dead_letter_exchange_name(namespace),
-        control_exchange_name(namespace),
-    ):
-        await channel.exchange_delete(name)
     await connection.close()
+    # A connection of its own for the clean-up: other suites restart the broker, which closes
+    # the session's channel long before this runs.
+    cleanup = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await cleanup.channel()
+        for queue in Queue:
+            for name in (queue_name(namespace, queue), dead_queue_name(namespace, queue)):
+                await channel.queue_delete(name)
+        for name in (
+            exchange_name(namespace),
+            dead_letter_exchange_name(namespace),
+            control_exchange_name(namespace),
+        ):
+            await channel.exchange_delete(name)
+    finally:
+        await cleanup.close()
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 
+class _Server(ThreadingHTTPServer):
+    # The default backlog of 5 resets connections when hundreds of activities POST at once,
+    # which fails them at the transport level: a fault of this test server, not of Paceline.
+    request_queue_size = 1024
+
+
 class EffectServer:
     def __init__(self) -> None:
         self.hits: Counter[str] = Counter()
@@ -42,7 +48,7 @@ class EffectServer:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 

@@ -684,19 +684,6 @@ def _pg_version() -> str | None:
     return versions[-1] if versions else None
 
 
-@pytest.mark.xfail(
-    # Not strict: the bug is a race hit on some restarts only (about one run in four here);
-    # strict would make this test flap. Remove the mark once the bug is fixed.
-    strict=False,
-    reason="product bug (intermittent): during a PostgreSQL restart asyncpg raises "
-    "InternalClientError 'cannot switch to state 15; another operation (2) is in progress' "
-    "when the pool hands out a connection that got the server's FATAL admin-shutdown before "
-    "its socket was seen closed. It is not in paceline_infra.batching.DB_DOWN, so the "
-    "scheduler's Processor.handle (processor.py: _commit -> conn.transaction() BEGIN) takes it "
-    "for a bad delivery and dead-letters a valid message ('dead-lettering a delivery it could "
-    "not apply'; seen: a claim in <ns>.claims.dead; a result or command would be lost the "
-    "same way). Before commit 7af82b8 the same error made the scheduler or reporting exit 1.",
-)
 async def test_postgresql_restart_under_load(
     make_stack: StackFactory, effects: EffectServer
 ) -> None:
