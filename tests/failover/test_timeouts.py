@@ -72,6 +72,7 @@ async def test_scheduler_times_out_an_attempt_whose_worker_hangs(
 ) -> None:
     # The worker freezes, so only the scheduler's own timer (timeout + 2 s grace) can notice
     # before the heartbeats do: the restartable attempt is fenced and runs again elsewhere.
+    # The sleep is long enough that the freeze always lands while it runs.
     stack, api = await make_stack(workers=[{"PACELINE_AMQP_HEARTBEAT_S": "60"}, {}])
     frozen = stack.of_kind("activity-worker")[0]
     other = stack.of_kind("activity-worker")[1]
@@ -81,7 +82,7 @@ async def test_scheduler_times_out_an_attempt_whose_worker_hangs(
             api,
             {
                 "name": f"hung-{uuid.uuid4().hex[:6]}",
-                "steps": [{"id": "nap", "type": "sleep", "with": {"seconds": 3}, "timeout": "5s"}],
+                "steps": [{"id": "nap", "type": "sleep", "with": {"seconds": 8}, "timeout": "10s"}],
             },
         )
         held = await wait_running(api, instance_id, "nap")
