@@ -29,13 +29,13 @@ from collections.abc import Awaitable, Callable
 
 from chaos_api import Api, ApiUnavailable
 from chaos_check import Check, check_all, observe
-from chaos_env import RunEnv, drop_everything
 from chaos_faults import ALL_KINDS, Fault, Injector, plan, unavailable_kinds
 from chaos_load import Load
 from chaos_operator import OPEN, Operator
 from chaos_report import Reporter, fault_table, history_lines, invariant_table
-from chaos_sink import Sink
 from chaos_supervisor import Supervisor
+from effect_sink import Sink
+from stack_env import StackEnv, drop_everything
 
 from stack import BIN, COMMANDS, ROOT, Stack
 
@@ -141,7 +141,7 @@ async def progress(
         )
 
 
-async def chaos(args: argparse.Namespace, rep: Reporter, env: RunEnv, stack: Stack) -> bool:
+async def chaos(args: argparse.Namespace, rep: Reporter, env: StackEnv, stack: Stack) -> bool:
     """The run itself; True when every invariant held."""
     timings: dict[str, float] = {}
     sink = Sink()
@@ -239,7 +239,7 @@ async def report(
 
 async def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    env = RunEnv.fresh()
+    env = StackEnv.fresh("plchaos")
     log_dir = ROOT / ".paceline" / "chaos" / env.namespace
     rep = Reporter(log_dir / "chaos.log")
     skipped = {k: why for k, why in unavailable_kinds().items() if k in args.kinds}

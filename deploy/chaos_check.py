@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chaos_api import Api
-from chaos_env import RunEnv, queue_depths, queue_details
 from chaos_load import POST_STEPS, Load, effect_path
+from stack_env import StackEnv, queue_depths, queue_details
 
 EXAMPLES = 5
 QUEUE_WAIT_S = 30.0
@@ -166,7 +166,7 @@ def completed_effects_happened(seen: Observed) -> Check:
     )
 
 
-async def queues_empty(env: RunEnv) -> Check:
+async def queues_empty(env: StackEnv) -> Check:
     """Every live queue of the namespace seen empty. Servers keep sending heartbeats, so a
     queue may hold a message at any one moment; one that is never seen empty within
     QUEUE_WAIT_S holds something nobody settles."""
@@ -195,7 +195,7 @@ async def queues_empty(env: RunEnv) -> Check:
     )
 
 
-async def check_all(env: RunEnv, load: Load, seen: Observed) -> list[Check]:
+async def check_all(env: StackEnv, load: Load, seen: Observed) -> list[Check]:
     return [
         every_start_accepted(load),
         none_lost(load, seen),

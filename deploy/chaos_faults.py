@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from chaos_env import AMQP_URL, DATABASE_URL, is_local
 from chaos_supervisor import Supervisor
+from stack_env import AMQP_URL, DATABASE_URL, is_local
 
 from stack import Service
 

@@ -5,6 +5,7 @@
 #   reachable                      -> use it (one line of output)
 #   unreachable, remote host       -> fail with the URL; never installs anything
 #   local, installed but stopped   -> start it and wait (bounded) until it accepts connections
+#                                     (a RabbitMQ node whose app was stopped: start_app)
 #   local, absent, root + apt-get  -> apt-get install, then start (and, for a fresh
 #                                     PostgreSQL, trust local TCP logins in pg_hba.conf)
 #   anything else                  -> exit 1 saying what is missing and how to fix it
@@ -246,6 +247,12 @@ ensure_postgres() {
 rabbitmq_installed() { have rabbitmq-server; }
 
 rabbitmq_start() {
+    # A node can be up with its app stopped (rabbitmqctl stop_app, e.g. by a restart test that
+    # was itself killed): the port is closed, and starting another node would fail.
+    if have rabbitmqctl && timeout 20 rabbitmqctl ping >/dev/null 2>&1; then
+        log "RabbitMQ node is running with its app stopped; rabbitmqctl start_app"
+        timeout 60 rabbitmqctl start_app >/dev/null 2>&1 && return 0
+    fi
     if rabbitmq-server -detached >/dev/null 2>&1; then
         return 0
     fi
@@ -338,7 +345,7 @@ ensure_rabbitmq() {
     fi
 
     if ! can_connect "$host" "$port" 1; then
-        log "starting RabbitMQ (rabbitmq-server -detached)"
+        log "starting RabbitMQ"
         if ! rabbitmq_start; then
             if is_root; then
                 die "RabbitMQ is installed but could not be started; check /var/log/rabbitmq/ and run: rabbitmq-server -detached (or: service rabbitmq-server start)"

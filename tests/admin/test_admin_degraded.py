@@ -60,3 +60,16 @@ async def test_without_the_broker_starts_wait_in_the_outbox_and_commands_are_503
 
             await app.state.resources.pool.close()
             assert "database" in assert_problem(await own.get("/readyz"), 503)["detail"]
+            # Without the database every route answers 503 with Retry-After, never a 500.
+            for answer in (
+                await own.post("/v1/instances", json={"definition": name, "inputs": {}}),
+                await own.get("/v1/instances"),
+                await own.get(f"/v1/instances/{instance_id}"),
+                await own.get("/v1/flags"),
+                await own.get("/v1/servers"),
+                await own.get(f"/v1/definitions/{name}"),
+            ):
+                problem = assert_problem(answer, 503)
+                assert problem["type"] == "urn:paceline:problem:database-unavailable", problem
+                assert "database" in problem["detail"]
+                assert answer.headers["Retry-After"] == "2"

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from effect_sink import Sink
+from stack_env import StackEnv, drop_everything, queue_depths
 
-from failover.effects import EffectServer
 from integration.conftest import wait_ready
-from integration.harness import StackEnv, drop_everything, queue_depths, wait_for
+from integration.harness import wait_for
 from paceline_contracts.queues import Queue, queue_name
 from stack import Service, Stack
 
@@ -33,8 +34,8 @@ StackFactory = Callable[..., Awaitable[tuple[Stack, httpx.AsyncClient]]]
 
 
 @pytest.fixture
-async def effects() -> AsyncIterator[EffectServer]:
-    server = EffectServer()
+async def effects() -> AsyncIterator[Sink]:
+    server = Sink()
     server.start()
     yield server
     server.stop()
@@ -48,7 +49,7 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
     async def make(
         workers: list[dict[str, str]] | None = None,
     ) -> tuple[Stack, httpx.AsyncClient]:
-        env = StackEnv.fresh()
+        env = StackEnv.fresh("pltest")
         stack = Stack(env={**env.variables(), **FAST_LIVENESS}, log_dir=tmp_path / env.namespace)
         stack.migrate()
         stack.add("scheduler")

@@ -6,6 +6,8 @@ import asyncio
 import uuid
 
 import pytest
+from effect_sink import Sink
+from stack_env import queue_depths
 
 from failover.conftest import (
     StackFactory,
@@ -17,8 +19,7 @@ from failover.conftest import (
     wait_running,
     wait_status,
 )
-from failover.effects import EffectServer
-from integration.harness import queue_depths, wait_for
+from integration.harness import wait_for
 from paceline_contracts.queues import Queue, queue_name
 
 pytestmark = pytest.mark.integration
@@ -58,7 +59,7 @@ async def test_killed_worker_restartable_sleep_completes_on_the_survivor(
     await assert_work_queues_empty(stack)
 
 
-def _post_flow(name: str, effects: EffectServer, hold: float) -> dict:
+def _post_flow(name: str, effects: Sink, hold: float) -> dict:
     return {
         "name": name,
         "inputs": {"key": {"type": "string"}},
@@ -79,7 +80,7 @@ def _post_flow(name: str, effects: EffectServer, hold: float) -> dict:
 
 async def _flagged_post(
     make_stack: StackFactory,
-    effects: EffectServer,
+    effects: Sink,
 ) -> tuple[object, object, str, str, str]:
     stack, api = await make_stack()
     key = uuid.uuid4().hex[:8]
@@ -104,7 +105,7 @@ async def _flagged_post(
 
 
 async def test_killed_worker_non_restartable_post_is_flagged_then_retried(
-    make_stack: StackFactory, effects: EffectServer
+    make_stack: StackFactory, effects: Sink
 ) -> None:
     stack, api, instance_id, key, _ = await _flagged_post(make_stack, effects)
     r = await api.post(
@@ -124,7 +125,7 @@ async def test_killed_worker_non_restartable_post_is_flagged_then_retried(
 
 
 async def test_killed_worker_non_restartable_post_is_flagged_then_skipped(
-    make_stack: StackFactory, effects: EffectServer
+    make_stack: StackFactory, effects: Sink
 ) -> None:
     stack, api, instance_id, key, _ = await _flagged_post(make_stack, effects)
     r = await api.post(
@@ -141,7 +142,7 @@ async def test_killed_worker_non_restartable_post_is_flagged_then_skipped(
 
 
 async def test_killed_worker_non_restartable_post_is_flagged_then_failed(
-    make_stack: StackFactory, effects: EffectServer
+    make_stack: StackFactory, effects: Sink
 ) -> None:
     stack, api, instance_id, key, _ = await _flagged_post(make_stack, effects)
     r = await api.post(
@@ -156,7 +157,7 @@ async def test_killed_worker_non_restartable_post_is_flagged_then_failed(
 
 
 async def test_prefetched_only_non_restartable_runs_on_the_survivor_unflagged(
-    make_stack: StackFactory, effects: EffectServer
+    make_stack: StackFactory, effects: Sink
 ) -> None:
     # One worker that runs one activity at a time but holds two messages.
     stack, api = await make_stack(

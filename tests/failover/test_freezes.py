@@ -8,6 +8,7 @@ import time
 import uuid
 
 import pytest
+from effect_sink import Sink
 
 from failover.conftest import (
     StackFactory,
@@ -18,7 +19,6 @@ from failover.conftest import (
     wait_running,
     wait_status,
 )
-from failover.effects import EffectServer
 from integration.harness import wait_for
 
 pytestmark = pytest.mark.integration
@@ -68,7 +68,7 @@ async def test_frozen_worker_restartable_work_moves_and_its_late_result_is_kept(
 
 
 async def test_flag_resolves_itself_when_the_original_worker_reports_success(
-    make_stack: StackFactory, effects: EffectServer
+    make_stack: StackFactory, effects: Sink
 ) -> None:
     stack, api = await make_stack()
     key = uuid.uuid4().hex[:8]
@@ -113,4 +113,45 @@ async def test_flag_resolves_itself_when_the_original_worker_reports_success(
     resolved = [h for h in await history(api, instance_id) if h["kind"] == "resolved"]
     assert len(resolved) == 1
     assert "resolves itself" in resolved[0]["reason"]
+    await assert_work_queues_empty(stack)
+
+
+async def test_a_delivery_read_after_its_connection_died_is_not_run(
+    make_stack: StackFactory, effects: Sink
+) -> None:
+    # The only worker is frozen as a restartable POST is sent: the broker pushes it into the
+    # frozen worker's socket, gives up on the worker after a few missed heartbeats, and hands
+    # it to a second worker, which runs it. Woken, the first worker reads the stale copy: it
+    # must not run it again (a restartable step may run twice, but never for nothing).
+    stack, api = await make_stack(workers=[{}])
+    (frozen,) = stack.of_kind("activity-worker")
+    key = uuid.uuid4().hex[:8]
+    definition = {
+        "name": f"stale-{uuid.uuid4().hex[:6]}",
+        "steps": [
+            {
+                "id": "push",
+                "type": "http.request",
+                "restartable": True,
+                "with": {"method": "POST", "url": f"{effects.url}/effect/{key}"},
+            }
+        ],
+    }
+    stack.signal(frozen.name, signal.SIGSTOP)
+    try:
+        instance_id = await define_and_start(api, definition)
+        survivor = stack.add("activity-worker")
+        done = await wait_status(api, instance_id, "COMPLETED", timeout=60)
+        assert service_of(stack, done["activities"][0]["server"]).name == survivor.name
+    finally:
+        stack.signal(frozen.name, signal.SIGCONT)
+    assert effects.count(f"/effect/{key}") == 1
+
+    def stale_copy_handled() -> bool:
+        dropped = "its delivery's channel closed" in frozen.log_path.read_text(errors="replace")
+        return dropped or effects.count(f"/effect/{key}") > 1
+
+    await wait_for(stale_copy_handled, 30, "the woken worker to drop its stale copy")
+    assert effects.count(f"/effect/{key}") == 1, "the stale copy ran"
+    assert frozen.alive(), "the woken worker carries on"
     await assert_work_queues_empty(stack)

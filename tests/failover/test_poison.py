@@ -7,6 +7,7 @@ import uuid
 
 import aio_pika
 import pytest
+from stack_env import AMQP_URL
 
 from failover.conftest import (
     StackFactory,
@@ -16,7 +17,6 @@ from failover.conftest import (
     revive_until,
     wait_status,
 )
-from integration.harness import AMQP_URL
 from paceline_contracts.queues import Queue, dead_queue_name
 
 pytestmark = pytest.mark.integration

@@ -7,6 +7,7 @@ import shutil
 import uuid
 
 import pytest
+from effect_sink import Sink
 
 from failover.conftest import (
     StackFactory,
@@ -16,7 +17,6 @@ from failover.conftest import (
     wait_running,
     wait_status,
 )
-from failover.effects import EffectServer
 from integration.harness import wait_for
 
 pytestmark = [
@@ -38,7 +38,7 @@ async def _rabbitmqctl(*args: str) -> str:
 
 
 async def test_dropped_connection_does_not_stop_or_repeat_the_activity(
-    make_stack: StackFactory, effects: EffectServer
+    make_stack: StackFactory, effects: Sink
 ) -> None:
     stack, api = await make_stack(workers=[{}])  # one worker: the message can only come back
     key = uuid.uuid4().hex[:8]

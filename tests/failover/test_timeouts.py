@@ -72,8 +72,11 @@ async def test_scheduler_times_out_an_attempt_whose_worker_hangs(
 ) -> None:
     # The worker freezes, so only the scheduler's own timer (timeout + 2 s grace) can notice
     # before the heartbeats do: the restartable attempt is fenced and runs again elsewhere.
-    # The sleep is long enough that the freeze always lands while it runs.
-    stack, api = await make_stack(workers=[{"PACELINE_AMQP_HEARTBEAT_S": "60"}, {}])
+    # The sleep is long enough that the freeze always lands while it runs. A prefetch of one:
+    # holding attempt 1, the frozen worker cannot be handed attempt 2 as well (it would wait,
+    # unstarted and so without a deadline, until the broker's 60 s heartbeats gave up on it).
+    hung = {"PACELINE_AMQP_HEARTBEAT_S": "60", "PACELINE_WORKER_CONCURRENCY": "1"}
+    stack, api = await make_stack(workers=[hung, {}])
     frozen = stack.of_kind("activity-worker")[0]
     other = stack.of_kind("activity-worker")[1]
     stack.signal(other.name, signal.SIGSTOP)  # so the first attempt lands on `frozen`

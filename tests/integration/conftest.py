@@ -10,13 +10,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from stack_env import StackEnv, drop_everything
 
-from integration.harness import StackEnv, drop_everything, log_tail, wait_for
+from integration.harness import TEST_VARIABLES, log_tail, wait_for
 from stack import Stack
 
 
 def start_stack(env: StackEnv, log_dir: Path, workers: int = 2) -> Stack:
-    stack = Stack(env=env.variables(), log_dir=log_dir)
+    stack = Stack(env={**env.variables(), **TEST_VARIABLES}, log_dir=log_dir)
     stack.migrate()
     stack.add("scheduler")
     for _ in range(workers):
@@ -43,7 +44,7 @@ async def wait_ready(env: StackEnv, stack: Stack) -> None:
 
 @pytest.fixture(scope="session")
 def env() -> Iterator[StackEnv]:
-    env = StackEnv.fresh()
+    env = StackEnv.fresh("pltest")
     yield env
     if not os.environ.get("PACELINE_KEEP_TEST_DATA"):
         asyncio.run(drop_everything(env))

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-
-from integration.harness import StackEnv
+from stack_env import StackEnv
 
 pytestmark = pytest.mark.integration
 

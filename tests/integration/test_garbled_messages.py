@@ -7,8 +7,9 @@ import asyncio
 import aio_pika
 import httpx
 import pytest
+from stack_env import AMQP_URL, StackEnv
 
-from integration.harness import AMQP_URL, StackEnv, wait_final
+from integration.harness import wait_final
 from paceline_contracts.queues import Queue, dead_queue_name, exchange_name
 from stack import Stack
 

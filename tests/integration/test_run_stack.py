@@ -13,8 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from stack_env import StackEnv, drop_everything
 
-from integration.harness import StackEnv, drop_everything, wait_final, wait_for
+from integration.harness import TEST_VARIABLES, wait_final, wait_for
 
 pytestmark = pytest.mark.integration
 RUN_STACK = Path(__file__).resolve().parents[2] / "deploy" / "run_stack.py"
@@ -46,8 +47,9 @@ def _alive(pid: int) -> bool:
 
 
 async def test_supervisor_restarts_a_killed_service_and_stops_friendly() -> None:
-    env = StackEnv.fresh()
-    variables = {k: v for k, v in env.variables().items() if k != "PACELINE_ADMIN_TOKEN"}
+    env = StackEnv.fresh("pltest")
+    given = {**env.variables(), **TEST_VARIABLES}
+    variables = {k: v for k, v in given.items() if k != "PACELINE_ADMIN_TOKEN"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         str(RUN_STACK),

@@ -8,8 +8,9 @@ from datetime import datetime
 import asyncpg
 import httpx
 import pytest
+from stack_env import StackEnv, queue_depths
 
-from integration.harness import StackEnv, queue_depths, wait_final, wait_for
+from integration.harness import wait_final, wait_for
 from paceline_contracts.queues import Queue, dead_queue_name, queue_name
 from stack import Stack
 

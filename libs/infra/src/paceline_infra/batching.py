@@ -13,10 +13,10 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-import asyncpg
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from paceline_contracts.queues import Queue
+from paceline_infra import db
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +73,7 @@ class Batcher:
             yield batch
 
 
-DB_DOWN: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.exceptions.OperatorInterventionError,  # e.g. the server is shutting down
-    asyncpg.exceptions.InternalClientError,  # a pooled connection the server closed
-    TimeoutError,
-)
-"""Errors that mean the database is out of reach, not that a delivery is bad."""
+DB_DOWN = db.UNAVAILABLE
 
 
 async def drive(

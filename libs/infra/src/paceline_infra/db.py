@@ -16,6 +16,17 @@ _DB_NAME = re.compile(r"^[A-Za-z0-9_]{1,63}$")
 _MIGRATION = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _MIGRATION_LOCK = 0x7061636500000001  # 'pace' + 1: one migrator at a time per server
 
+UNAVAILABLE: tuple[type[Exception], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,  # e.g. "pool is closing", a connection lost mid-query
+    asyncpg.CannotConnectNowError,
+    asyncpg.exceptions.OperatorInterventionError,  # e.g. the server is shutting down
+    asyncpg.exceptions.InternalClientError,  # a pooled connection the server closed
+    TimeoutError,
+)
+"""Errors that mean the database is out of reach, not that a request or message is bad."""
+
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for type_name in ("jsonb", "json"):

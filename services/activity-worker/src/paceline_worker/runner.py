@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.exceptions import ChannelInvalidStateError
 from opentelemetry import trace
 from pydantic import ValidationError
 
@@ -232,6 +233,16 @@ class ActivityRunner:
                 # Confirmed by the broker before anything runs: if this worker dies, the
                 # scheduler learns who held the attempt (but no answer is awaited).
                 await self._claimer.notify(task)
+                if _channel_closed(flight.deliveries[0]):
+                    # A delivery read after its connection died (e.g. buffered while this
+                    # worker was frozen): the broker has handed it to another worker already.
+                    log.info(
+                        "not running %s/%s attempt %d: its delivery's channel closed",
+                        task.instance_id,
+                        task.step,
+                        attempt,
+                    )
+                    return None
             self._running[key] = flight
             span.set_attribute("paceline.attempt.run", attempt)
             flight.started = True
@@ -329,6 +340,13 @@ class ActivityRunner:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         return len(pending)
+
+
+def _channel_closed(message: AbstractIncomingMessage) -> bool:
+    try:
+        return message.channel.is_closed
+    except ChannelInvalidStateError:  # aio-pika's way of saying so
+        return True
 
 
 def _delivery_count(message: AbstractIncomingMessage) -> int:

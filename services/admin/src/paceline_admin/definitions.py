@@ -24,7 +24,7 @@ router = APIRouter(
     prefix="/v1/definitions",
     tags=["definitions"],
     dependencies=[Depends(require_token)],
-    responses=problem_responses(401, 422, 500),
+    responses=problem_responses(401, 422, 500, 503),
 )
 
 

@@ -21,7 +21,7 @@ router = APIRouter(
     prefix="/v1/flags",
     tags=["flags"],
     dependencies=[Depends(require_token)],
-    responses=problem_responses(401, 422, 500),
+    responses=problem_responses(401, 422, 500, 503),
 )
 
 

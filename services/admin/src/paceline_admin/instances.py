@@ -86,7 +86,7 @@ router = APIRouter(
     prefix="/v1/instances",
     tags=["instances"],
     dependencies=[Depends(require_token)],
-    responses=problem_responses(401, 422, 500),
+    responses=problem_responses(401, 422, 500, 503),
 )
 
 

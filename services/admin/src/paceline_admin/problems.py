@@ -17,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from paceline_infra import db
+
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
@@ -173,6 +175,18 @@ async def on_validation_error(_: Request, exc: Exception) -> Response:
     )
 
 
+async def _on_database_unavailable(request: Request, exc: Exception) -> Response:
+    # A restart or failover of PostgreSQL is an outage to wait out, not a bug: the client
+    # retries (with an Idempotency-Key, a start is safe to retry).
+    log.warning("database unavailable on %s %s: %r", request.method, request.url.path, exc)
+    return problem_response(
+        503,
+        "the database is unavailable; try again shortly",
+        kind="database-unavailable",
+        headers={"Retry-After": "2"},
+    )
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
     log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(500, "an unexpected error; it has been logged")
@@ -182,6 +196,8 @@ def install(app: FastAPI, on_validation: Handler = on_validation_error) -> None:
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation)
+    for unavailable in db.UNAVAILABLE:
+        app.add_exception_handler(unavailable, _on_database_unavailable)
     app.add_exception_handler(Exception, _on_unexpected)
 
 

@@ -67,7 +67,7 @@ router = APIRouter(
     prefix="/v1/servers",
     tags=["servers"],
     dependencies=[Depends(require_token)],
-    responses=problem_responses(401, 422, 500),
+    responses=problem_responses(401, 422, 500, 503),
 )
 
 

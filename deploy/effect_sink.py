@@ -1,4 +1,5 @@
-"""The chaos run's HTTP sink: where activities send their side effects, so they can be counted.
+"""An HTTP sink where activities send their side effects, so they can be counted: the thing
+non-restartable work must never do twice without an operator saying so (`make chaos`, tests).
 
 A POST is a non-restartable side effect: the sink counts it per path the moment it arrives
 (before any `?hold=`), because "may have started" is exactly what the failover rule is about.
@@ -14,7 +15,8 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-MAX_HOLD_S = 10.0
+MAX_HOLD_S = 60.0
+"""The longest `?hold=` honoured: long enough for a test to kill or freeze the caller."""
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -50,6 +52,11 @@ class Sink:
         """POSTs per path so far."""
         with self._lock:
             return dict(self._posts)
+
+    def count(self, path: str) -> int:
+        """POSTs to `path` so far."""
+        with self._lock:
+            return self._posts[path]
 
     def gets(self) -> int:
         with self._lock:

@@ -1,5 +1,6 @@
-"""The chaos run's own names (namespace, databases, port, token), the broker's view of its queues,
-and tearing them down. A run never touches another stack's names, so it works next to `make run`.
+"""A stack's own names (namespace, databases, port, token), the broker's view of its queues,
+and tearing them down. Used by `make chaos` and the tests: a stack never touches another
+stack's names, so either runs next to `make run` on the same broker and server.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ def _free_port() -> int:
 
 
 @dataclass(frozen=True)
-class RunEnv:
+class StackEnv:
+    """Names no other stack on this broker or server uses."""
+
     namespace: str
     database: str
     reporting_database: str
@@ -56,15 +59,24 @@ class RunEnv:
     token: str
 
     @classmethod
-    def fresh(cls) -> RunEnv:
-        tag = secrets.token_hex(4)
+    def fresh(cls, prefix: str) -> StackEnv:
+        """New names starting with `prefix` (letters and digits), e.g. `plchaos`."""
+        tag = secrets.token_hex(5)
         return cls(
-            f"plchaos-{tag}",
-            f"plchaos_{tag}",
-            f"plchaos_rep_{tag}",
+            f"{prefix}-{tag}",
+            f"{prefix}_{tag}",
+            f"{prefix}_rep_{tag}",
             _free_port(),
             secrets.token_urlsafe(24),
         )
+
+    @property
+    def database_url(self) -> str:
+        return _with_database(DATABASE_URL, self.database)
+
+    @property
+    def reporting_url(self) -> str:
+        return _with_database(DATABASE_URL, self.reporting_database)
 
     @property
     def base_url(self) -> str:
@@ -74,10 +86,8 @@ class RunEnv:
         return {
             "PACELINE_NAMESPACE": self.namespace,
             "PACELINE_AMQP_URL": AMQP_URL,
-            "PACELINE_DATABASE_URL": _with_database(DATABASE_URL, self.database),
-            "PACELINE_REPORTING_DATABASE_URL": _with_database(
-                DATABASE_URL, self.reporting_database
-            ),
+            "PACELINE_DATABASE_URL": self.database_url,
+            "PACELINE_REPORTING_DATABASE_URL": self.reporting_url,
             "PACELINE_ADMIN_PORT": str(self.admin_port),
             "PACELINE_ADMIN_TOKEN": self.token,
         }
@@ -149,7 +159,7 @@ async def _passive_depths(namespace: str) -> dict[str, int]:
         await connection.close()
 
 
-async def drop_everything(env: RunEnv, tries: int = 20) -> None:
+async def drop_everything(env: StackEnv, tries: int = 20) -> None:
     """The run's databases, queues and exchanges; tried again for a while, since a broker or
     database restart (ours, or another stack's on this machine) may be under way."""
     for attempt in range(tries):
@@ -162,7 +172,7 @@ async def drop_everything(env: RunEnv, tries: int = 20) -> None:
             await asyncio.sleep(3)
 
 
-async def _drop(env: RunEnv) -> None:
+async def _drop(env: StackEnv) -> None:
     conn = await asyncpg.connect(_with_database(DATABASE_URL, "postgres"))
     try:
         for name in (env.database, env.reporting_database):
