@@ -34,6 +34,10 @@ unit: install
 run: migrate
 	$(RUN) python deploy/run_stack.py
 
+# Throughput and failover on this machine, one JSON object a line; e.g. BENCH_ARGS="--kills 5".
+bench: install services
+	$(RUN) python deploy/bench.py $(BENCH_ARGS)
+
 # The long randomized failure run; e.g. make chaos CHAOS_ARGS="--faults 200 --seed 7".
 chaos: install services
 	$(RUN) python deploy/chaos.py $(CHAOS_ARGS)

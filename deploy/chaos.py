@@ -193,7 +193,7 @@ async def chaos(args: argparse.Namespace, rep: Reporter, env: StackEnv, stack: S
 
         mark = time.monotonic()
         seen = await observe(api, sink.posts(), operator.retried)
-        checks = await check_all(env, load, seen)
+        checks = await check_all(env, api, load, seen)
         timings["checks"] = time.monotonic() - mark
         done.set()
         await asyncio.gather(*background)

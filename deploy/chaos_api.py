@@ -1,5 +1,6 @@
 """The admin API as the chaos run uses it: every call rides out a restart of PostgreSQL or
-RabbitMQ (a refused connection or a 5xx is tried again), and lists are followed page by page."""
+RabbitMQ (a refused connection or a 503 is tried again), and lists are followed page by page.
+Any other answer goes back to the caller: a 500 is a bug the run's checks must see."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ class Api:
             limits=httpx.Limits(max_connections=32),
         )
         self.retries = 0
-        """Calls tried again after a broken connection or a 5xx."""
+        """Calls tried again after a broken connection or a 503."""
+        self.server_errors: list[str] = []
+        """Answers with a 5xx other than 503: never expected, whatever the faults."""
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -38,14 +41,17 @@ class Api:
         patience: float = 60.0,
         **kwargs: Any,
     ) -> httpx.Response:
-        """The first answer that is not a 5xx; a refused or broken connection is tried again
+        """The first answer that is not a 503; a refused or broken connection is tried again
         (with the same request, so an Idempotency-Key in it makes that safe)."""
         deadline = time.monotonic() + patience
         delay = 0.2
         while True:
             try:
                 response = await self._client.request(method, path, **kwargs)
-                if response.status_code < 500:
+                if response.status_code != 503:
+                    if response.status_code >= 500:
+                        what = f"{method} {path}: {response.status_code} {response.text[:200]}"
+                        self.server_errors.append(what)
                     return response
                 last = f"{response.status_code} {response.text[:200]}"
             except httpx.TransportError as exc:

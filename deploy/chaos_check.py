@@ -11,7 +11,7 @@ from typing import Any
 
 from chaos_api import Api
 from chaos_load import POST_STEPS, Load, effect_path
-from stack_env import StackEnv, queue_depths, queue_details
+from stack_env import StackEnv, queue_depths, queue_details, unsettled_holders
 
 EXAMPLES = 5
 QUEUE_WAIT_S = 30.0
@@ -65,6 +65,15 @@ def every_start_accepted(load: Load) -> Check:
         f"{len(load.started)} accepted, {len(load.refused)} refused, "
         f"{len(load.unconfirmed)} unanswered",
         problems[:EXAMPLES],
+    )
+
+
+def no_server_errors(api: Api) -> Check:
+    return Check(
+        "the admin API answered no 5xx but 503",
+        not api.server_errors,
+        f"{len(api.server_errors)} answers with another 5xx",
+        api.server_errors[:EXAMPLES],
     )
 
 
@@ -187,17 +196,20 @@ async def queues_empty(env: StackEnv) -> Check:
     if dead:
         detail += "; dead-lettered: " + ", ".join(f"{q} {n}" for q, n in dead.items())
     details = await queue_details(env.namespace) if full else {}
+    holders = await unsettled_holders() if full else []
     return Check(
         "every live queue of the namespace empty",
         not full,
         detail,
-        [f"{q}: {'missing' if n is None else n} ({details.get(q, '')})" for q, n in full.items()],
+        [f"{q}: {'missing' if n is None else n} ({details.get(q, '')})" for q, n in full.items()]
+        + [f"held by {h}" for h in holders],
     )
 
 
-async def check_all(env: StackEnv, load: Load, seen: Observed) -> list[Check]:
+async def check_all(env: StackEnv, api: Api, load: Load, seen: Observed) -> list[Check]:
     return [
         every_start_accepted(load),
+        no_server_errors(api),
         none_lost(load, seen),
         none_doubled(load, seen),
         all_ended(load, seen),

@@ -6,12 +6,14 @@ stack's names, so either runs next to `make run` on the same broker and server.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import shutil
 import socket
 import subprocess
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
@@ -139,6 +141,50 @@ async def queue_details(namespace: str) -> dict[str, str]:
         if len(parts) == 4 and parts[0].startswith(f"{namespace}."):
             found[parts[0]] = ", ".join(f"{c} {v}" for c, v in zip(columns, parts[1:], strict=True))
     return found
+
+
+async def unsettled_holders() -> list[str]:
+    """Which connections (named by their server id) hold unacknowledged deliveries now, when
+    rabbitmqctl can say: who to blame for a queue that is never seen empty."""
+    if not (shutil.which("rabbitmqctl") and is_local(AMQP_URL)):
+        return []
+
+    async def listing(*argv: str) -> list[dict[str, Any]]:
+        proc = await asyncio.create_subprocess_exec(
+            "rabbitmqctl",
+            "-q",
+            *argv,
+            "--formatter",
+            "json",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        try:
+            return list(json.loads(out or b"[]"))
+        except ValueError:
+            return []
+
+    names = {
+        c["pid"]: _connection_name(c.get("client_properties") or [], default=c["pid"])
+        for c in await listing("list_connections", "pid", "client_properties")
+    }
+    return [
+        f"{names.get(ch['connection'], ch['connection'])}: {ch['messages_unacknowledged']} "
+        f"unacknowledged on a channel with {ch['consumer_count']} consumers"
+        for ch in await listing(
+            "list_channels", "connection", "messages_unacknowledged", "consumer_count"
+        )
+        if ch.get("messages_unacknowledged")
+    ]
+
+
+def _connection_name(properties: list[Any], default: str) -> str:
+    # rabbitmqctl's JSON gives client properties as [name, type, value] triples.
+    for entry in properties:
+        if isinstance(entry, list) and len(entry) == 3 and entry[0] == "connection_name":
+            return str(entry[2])
+    return default
 
 
 async def _passive_depths(namespace: str) -> dict[str, int]:

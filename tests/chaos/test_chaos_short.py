@@ -42,7 +42,7 @@ def test_short_chaos_run_keeps_every_invariant() -> None:
     assert run.returncode == 0, f"chaos run exited {run.returncode}:\n{tail}"
     assert re.search(rf"^total\s+{FAULTS}\s+{FAULTS}$", out, re.MULTILINE), tail
     rows = _invariant_rows(out)
-    assert len(rows) >= 6, tail
+    assert len(rows) >= 8, tail
     assert all(re.search(r"\s{2}OK(\s{2}|$)", row) for row in rows), tail
     assert re.search(r"^chaos: (\d+) of \1 invariants held: OK$", out, re.MULTILINE), tail
 
