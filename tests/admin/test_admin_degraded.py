@@ -46,8 +46,10 @@ async def test_without_the_broker_starts_wait_in_the_outbox_and_commands_are_503
             assert [str(instance_id) in bytes(b["body"]).decode() for b in bodies] == [True]
             await pool.execute("DELETE FROM outbox")
 
-            problem = assert_problem(await own.post(f"/v1/instances/{instance_id}/cancel"), 503)
+            cancel = await own.post(f"/v1/instances/{instance_id}/cancel")
+            problem = assert_problem(cancel, 503)
             assert "broker" in problem["detail"]
+            assert cancel.headers["Retry-After"] == "2"
             flagged_id, _ = await insert_instance(pool, name, {"first": flagged(datetime.now(UTC))})
             resolve = await own.post(
                 f"/v1/instances/{flagged_id}/activities/first/resolve", json={"action": "retry"}

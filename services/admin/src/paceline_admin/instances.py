@@ -31,7 +31,13 @@ from paceline_admin.instance_models import (
 )
 from paceline_admin.paging import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor
 from paceline_admin.params import Text
-from paceline_admin.problems import ApiError, ProblemItem, problem_responses, summarize
+from paceline_admin.problems import (
+    RETRY_SOON,
+    ApiError,
+    ProblemItem,
+    problem_responses,
+    summarize,
+)
 from paceline_admin.resources import Broker, Db
 from paceline_contracts.messages import CancelInstance, Command, ResolveActivity
 from paceline_contracts.queues import Queue
@@ -242,6 +248,7 @@ async def _send(publisher: Publisher, command: Command, what: str) -> None:
             503,
             f"the message broker did not take the {what} command; try again",
             kind="broker-unavailable",
+            headers=RETRY_SOON,
         ) from exc
 
 

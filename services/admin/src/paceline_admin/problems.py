@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
 Handler = Callable[[Request, Exception], Awaitable[Response]]
 TYPE_PREFIX = "urn:paceline:problem:"
+RETRY_SOON = {"Retry-After": "2"}
+"""On a 503 for an outage (the database or the broker restarting): when to ask again."""
 
 
 class ProblemItem(BaseModel):
@@ -183,7 +185,7 @@ async def _on_database_unavailable(request: Request, exc: Exception) -> Response
         503,
         "the database is unavailable; try again shortly",
         kind="database-unavailable",
-        headers={"Retry-After": "2"},
+        headers=RETRY_SOON,
     )
 
 

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field, ValidationError
 from paceline_admin import server_store as store
 from paceline_admin.auth import Authorized, require_token
 from paceline_admin.params import Text
-from paceline_admin.problems import ApiError, ProblemItem, problem_responses
+from paceline_admin.problems import RETRY_SOON, ApiError, ProblemItem, problem_responses
 from paceline_admin.resources import Control, Db
 from paceline_contracts.messages import DrainServer
 from paceline_contracts.states import ServerKind, ServerStatus
@@ -260,6 +260,7 @@ async def _send(control: AbstractExchange, command: DrainServer) -> None:
             503,
             "the message broker did not take the drain command; try again",
             kind="broker-unavailable",
+            headers=RETRY_SOON,
         ) from exc
 
 
