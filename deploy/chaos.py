@@ -4,6 +4,9 @@ that every invariant held.
     python deploy/chaos.py [--seed N] [--faults N] [--duration SECONDS]
                            [--kinds kill,stop,term,rabbitmq,postgres] [--rate N] [--keep]
 
+The seed, the number of faults and the duration may also be set as PACELINE_CHAOS_SEED,
+PACELINE_CHAOS_FAULTS and PACELINE_CHAOS_DURATION_S; an option given wins.
+
 It starts its own stack (2 schedulers, 3 workers, reporting, admin) in a namespace and databases
 of its own, an HTTP sink that counts non-restartable side effects, and a steady load of
 instances; it injects `--faults` faults spread over `--duration` seconds (SIGKILL, SIGSTOP then
@@ -70,11 +73,37 @@ def migrate(stack: Stack, tries: int = 5) -> None:
                 time.sleep(3)
 
 
+def _setting(parser: argparse.ArgumentParser, name: str, kind: type, default: object) -> object:
+    """An option's default from the environment (PACELINE_CHAOS_*), like every other setting."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        parser.error(f"{name}={raw!r} is not a {kind.__name__}")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seed", type=int, help="replay a run (default: from the clock)")
-    parser.add_argument("--faults", type=int, default=200, help="faults to inject (200)")
-    parser.add_argument("--duration", type=float, default=300, help="seconds of faults (300)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=_setting(parser, "PACELINE_CHAOS_SEED", int, None),
+        help="replay a run (PACELINE_CHAOS_SEED; default: from the clock)",
+    )
+    parser.add_argument(
+        "--faults",
+        type=int,
+        default=_setting(parser, "PACELINE_CHAOS_FAULTS", int, 200),
+        help="faults to inject (PACELINE_CHAOS_FAULTS; 200)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=_setting(parser, "PACELINE_CHAOS_DURATION_S", float, 300.0),
+        help="seconds of faults (PACELINE_CHAOS_DURATION_S; 300)",
+    )
     parser.add_argument(
         "--kinds", default=",".join(ALL_KINDS), help=f"comma-separated ({','.join(ALL_KINDS)})"
     )
