@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import statistics
 import sys
 import time
@@ -42,7 +41,6 @@ from stack import ROOT, Stack
 
 FINAL = ("COMPLETED", "FAILED", "CANCELLED")
 IN_FLIGHT = 64
-SERVER_PID = re.compile(r"-(\d+)-[0-9a-f]{6}$")
 
 
 def say(text: str) -> None:
@@ -303,12 +301,10 @@ def _ready_lines(stack: Stack, name: str) -> int:
 
 
 def _service_of(stack: Stack, server_id: str) -> str:
-    match = SERVER_PID.search(server_id)
-    pid = int(match.group(1)) if match else -1
-    for service in stack.services.values():
-        if service.alive() and service.pid == pid:
-            return service.name
-    raise RuntimeError(f"no running service of the stack is {server_id}")
+    service = stack.serving(server_id)
+    if service is None or not service.alive():
+        raise RuntimeError(f"no running service of the stack is {server_id}")
+    return service.name
 
 
 async def main(argv: list[str]) -> int:

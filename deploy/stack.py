@@ -7,6 +7,7 @@ Used by `make run` (through run_stack.py, which supervises them) and by the inte
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,8 @@ COMMANDS = {
     "reporting": "paceline-reporting",
     "admin": "paceline-admin",
 }
+
+_SERVER_PID = re.compile(r"-(\d+)-[0-9a-f]{6}$")
 
 
 @dataclass
@@ -137,6 +140,18 @@ class Stack:
             revived.append((service, service.process.returncode))
             self.start(service.name)
         return revived
+
+    def serving(self, server_id: str) -> Service | None:
+        """The service whose (latest) process is the server `server_id`: a server id ends with
+        `-<pid>-<6 hex digits>`."""
+        match = _SERVER_PID.search(server_id)
+        if match is None:
+            return None
+        pid = int(match.group(1))
+        for service in self.services.values():
+            if service.process is not None and service.process.pid == pid:
+                return service
+        return None
 
     def of_kind(self, kind: str) -> list[Service]:
         return [s for s in self.services.values() if s.kind == kind]

@@ -101,21 +101,25 @@ class StackEnv:
         return {dead_queue_name(self.namespace, q) for q in Queue}
 
 
+def _can_ask_rabbitmqctl() -> bool:
+    return shutil.which("rabbitmqctl") is not None and is_local(AMQP_URL)
+
+
+async def _rabbitmqctl(*argv: str) -> str:
+    """What `rabbitmqctl -q <argv>` prints (the local broker's own view)."""
+    proc = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", "-q", *argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return out.decode()
+
+
 async def queue_depths(namespace: str) -> dict[str, int]:
     """Messages (ready and unacknowledged) in each queue of the namespace."""
-    if shutil.which("rabbitmqctl") and is_local(AMQP_URL):
-        proc = await asyncio.create_subprocess_exec(
-            "rabbitmqctl",
-            "-q",
-            "list_queues",
-            "name",
-            "messages",
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
-        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    if _can_ask_rabbitmqctl():
+        out = await _rabbitmqctl("list_queues", "name", "messages")
         depths = {}
-        for line in out.decode().splitlines():
+        for line in out.splitlines():
             parts = line.split()
             if len(parts) == 2 and parts[0].startswith(f"{namespace}.") and parts[1].isdigit():
                 depths[parts[0]] = int(parts[1])
@@ -126,17 +130,12 @@ async def queue_depths(namespace: str) -> dict[str, int]:
 async def queue_details(namespace: str) -> dict[str, str]:
     """Ready, unacknowledged and consumers of each queue of the namespace, when rabbitmqctl
     can say: what tells a message nobody takes from one a consumer holds and never settles."""
-    if not (shutil.which("rabbitmqctl") and is_local(AMQP_URL)):
+    if not _can_ask_rabbitmqctl():
         return {}
     columns = ("messages_ready", "messages_unacknowledged", "consumers")
-    proc = await asyncio.create_subprocess_exec(
-        *("rabbitmqctl", "-q", "list_queues", "name", *columns),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    out = await _rabbitmqctl("list_queues", "name", *columns)
     found = {}
-    for line in out.decode().splitlines():
+    for line in out.splitlines():
         parts = line.split()
         if len(parts) == 4 and parts[0].startswith(f"{namespace}."):
             found[parts[0]] = ", ".join(f"{c} {v}" for c, v in zip(columns, parts[1:], strict=True))
@@ -146,22 +145,12 @@ async def queue_details(namespace: str) -> dict[str, str]:
 async def unsettled_holders() -> list[str]:
     """Which connections (named by their server id) hold unacknowledged deliveries now, when
     rabbitmqctl can say: who to blame for a queue that is never seen empty."""
-    if not (shutil.which("rabbitmqctl") and is_local(AMQP_URL)):
+    if not _can_ask_rabbitmqctl():
         return []
 
     async def listing(*argv: str) -> list[dict[str, Any]]:
-        proc = await asyncio.create_subprocess_exec(
-            "rabbitmqctl",
-            "-q",
-            *argv,
-            "--formatter",
-            "json",
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
-        out, _ = await asyncio.wait_for(proc.communicate(), 60)
         try:
-            return list(json.loads(out or b"[]"))
+            return list(json.loads(await _rabbitmqctl(*argv, "--formatter", "json") or "[]"))
         except ValueError:
             return []
 

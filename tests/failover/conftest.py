@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -73,14 +72,26 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
 
 
 def service_of(stack: Stack, server_id: str) -> Service:
-    """The stack's service whose process is the server `server_id` (its id holds the pid)."""
-    match = re.search(r"-(\d+)-[0-9a-f]{6}$", server_id)
-    assert match, server_id
-    pid = int(match.group(1))
-    for service in stack.services.values():
-        if service.process is not None and service.process.pid == pid:
-            return service
-    raise AssertionError(f"no service of this stack is {server_id}")
+    """The stack's service whose process is the server `server_id`."""
+    service = stack.serving(server_id)
+    assert service is not None, f"no service of this stack is {server_id}"
+    return service
+
+
+def post_flow(name: str, effects: Sink, hold: float, *, then_noop: bool = True) -> dict:
+    """A process whose step `push` POSTs to `effects` (a non-restartable side effect, counted at
+    `/effect/<inputs.key>`), held by the sink for `hold` s so a test can strike while it runs;
+    with `then_noop`, a step `after` follows that reads the POST's status."""
+    push: dict = {
+        "id": "push",
+        "type": "http.request",
+        "with": {"method": "POST", "url": f"{effects.url}/effect/${{inputs.key}}?hold={hold:g}"},
+    }
+    if not then_noop:
+        return {"name": name, "inputs": {"key": {"type": "string"}}, "steps": [push]}
+    push["with"]["json"] = {"key": "${inputs.key}"}
+    after = {"id": "after", "type": "noop", "with": {"pushed": "${steps.push.output.status}"}}
+    return {"name": name, "inputs": {"key": {"type": "string"}}, "steps": [push, after]}
 
 
 async def activity(api: httpx.AsyncClient, instance_id: str, step: str) -> dict:

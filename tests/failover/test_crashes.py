@@ -15,6 +15,7 @@ from failover.conftest import (
     assert_work_queues_empty,
     define_and_start,
     history,
+    post_flow,
     service_of,
     wait_running,
     wait_status,
@@ -59,32 +60,13 @@ async def test_killed_worker_restartable_sleep_completes_on_the_survivor(
     await assert_work_queues_empty(stack)
 
 
-def _post_flow(name: str, effects: Sink, hold: float) -> dict:
-    return {
-        "name": name,
-        "inputs": {"key": {"type": "string"}},
-        "steps": [
-            {
-                "id": "push",
-                "type": "http.request",
-                "with": {
-                    "method": "POST",
-                    "url": f"{effects.url}/effect/${{inputs.key}}?hold={hold}",
-                    "json": {"key": "${inputs.key}"},
-                },
-            },
-            {"id": "after", "type": "noop", "with": {"pushed": "${steps.push.output.status}"}},
-        ],
-    }
-
-
 async def _flagged_post(
     make_stack: StackFactory,
     effects: Sink,
 ) -> tuple[object, object, str, str, str]:
     stack, api = await make_stack()
     key = uuid.uuid4().hex[:8]
-    instance_id = await define_and_start(api, _post_flow(_name(), effects, hold=20), {"key": key})
+    instance_id = await define_and_start(api, post_flow(_name(), effects, hold=20), {"key": key})
     held = await wait_running(api, instance_id, "push")
     await wait_for(lambda: effects.count(f"/effect/{key}") == 1, 10, "the POST to arrive")
     dead = held["claimed_by"]
@@ -169,7 +151,7 @@ async def test_prefetched_only_non_restartable_runs_on_the_survivor_unflagged(
     )
     holder = (await wait_running(api, busy, "nap"))["claimed_by"]
     key = uuid.uuid4().hex[:8]
-    waiting = await define_and_start(api, _post_flow(_name(), effects, hold=0), {"key": key})
+    waiting = await define_and_start(api, post_flow(_name(), effects, hold=0), {"key": key})
 
     async def held_unacked() -> bool:
         # Both messages are with the worker: none ready in the queue.

@@ -15,6 +15,7 @@ from failover.conftest import (
     assert_work_queues_empty,
     define_and_start,
     history,
+    post_flow,
     service_of,
     wait_running,
     wait_status,
@@ -74,24 +75,8 @@ async def test_flag_resolves_itself_when_the_original_worker_reports_success(
     key = uuid.uuid4().hex[:8]
     # The server holds the POST for 12 s: long enough to freeze its caller mid-request and
     # for the broker to give up on it.
-    instance_id = await define_and_start(
-        api,
-        {
-            "name": f"blip-{uuid.uuid4().hex[:6]}",
-            "inputs": {"key": {"type": "string"}},
-            "steps": [
-                {
-                    "id": "push",
-                    "type": "http.request",
-                    "with": {
-                        "method": "POST",
-                        "url": f"{effects.url}/effect/${{inputs.key}}?hold=12",
-                    },
-                }
-            ],
-        },
-        {"key": key},
-    )
+    definition = post_flow(f"blip-{uuid.uuid4().hex[:6]}", effects, hold=12, then_noop=False)
+    instance_id = await define_and_start(api, definition, {"key": key})
     frozen_id = (await wait_running(api, instance_id, "push"))["claimed_by"]
     await wait_for(lambda: effects.count(f"/effect/{key}") == 1, 10, "the POST to arrive")
     frozen = service_of(stack, frozen_id)

@@ -14,6 +14,7 @@ from failover.conftest import (
     assert_work_queues_empty,
     define_and_start,
     history,
+    post_flow,
     wait_running,
     wait_status,
 )
@@ -42,24 +43,8 @@ async def test_dropped_connection_does_not_stop_or_repeat_the_activity(
 ) -> None:
     stack, api = await make_stack(workers=[{}])  # one worker: the message can only come back
     key = uuid.uuid4().hex[:8]
-    instance_id = await define_and_start(
-        api,
-        {
-            "name": f"blip-{uuid.uuid4().hex[:6]}",
-            "inputs": {"key": {"type": "string"}},
-            "steps": [
-                {
-                    "id": "push",
-                    "type": "http.request",
-                    "with": {
-                        "method": "POST",
-                        "url": f"{effects.url}/effect/${{inputs.key}}?hold=6",
-                    },
-                }
-            ],
-        },
-        {"key": key},
-    )
+    definition = post_flow(f"blip-{uuid.uuid4().hex[:6]}", effects, hold=6, then_noop=False)
+    instance_id = await define_and_start(api, definition, {"key": key})
     worker_id = (await wait_running(api, instance_id, "push"))["claimed_by"]
     await wait_for(lambda: effects.count(f"/effect/{key}") == 1, 10, "the POST to arrive")
 

@@ -73,9 +73,6 @@ class Batcher:
             yield batch
 
 
-DB_DOWN = db.UNAVAILABLE
-
-
 async def drive(
     batcher: Batcher,
     stop: asyncio.Event,
@@ -95,7 +92,7 @@ async def drive(
             log.warning(
                 "%s: %s (%s); requeueing %d deliveries",
                 what,
-                "database unavailable" if isinstance(exc, DB_DOWN) else "failed",
+                "database unavailable" if isinstance(exc, db.UNAVAILABLE) else "failed",
                 exc,
                 len(batch),
             )

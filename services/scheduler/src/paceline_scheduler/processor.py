@@ -24,9 +24,9 @@ from paceline_contracts.queues import Queue
 from paceline_engine import machine
 from paceline_engine.definitions import Definition
 from paceline_engine.events import AnswerClaim, HistoryEntry, Policy
-from paceline_infra import outbox, telemetry
+from paceline_infra import db, outbox, telemetry
 from paceline_infra.amqp import Publisher, invalid_reason
-from paceline_infra.batching import DB_DOWN, Delivery
+from paceline_infra.batching import Delivery
 from paceline_scheduler import store
 from paceline_scheduler.translate import Incoming, instance_changed, to_event, to_outbox
 
@@ -69,7 +69,7 @@ class Processor:
             return
         try:
             outcome = await self._commit(parsed)
-        except DB_DOWN:
+        except db.UNAVAILABLE:
             raise  # the database is unreachable: the caller requeues and backs off
         except Exception:
             if not await self._database_answers():
