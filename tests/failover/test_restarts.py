@@ -22,7 +22,7 @@ import asyncpg
 import httpx
 import pytest
 from effect_sink import Sink
-from stack_env import AMQP_URL, queue_depths
+from stack_env import AMQP_URL, is_local, queue_depths
 
 from failover.conftest import (
     FAST_LIVENESS,
@@ -36,7 +36,7 @@ from failover.conftest import (
 )
 from integration.harness import log_tail, wait_for
 from paceline_contracts.queues import Queue, dead_queue_name, queue_name
-from stack import Stack
+from stack import ROOT, Stack
 
 pytestmark = pytest.mark.integration
 
@@ -463,10 +463,6 @@ async def _run(*argv: str, timeout: float = 90) -> tuple[int, str]:
     return int(proc.returncode or 0), out.decode(errors="replace")
 
 
-def _is_local(url: str) -> bool:
-    return (urlsplit(url).hostname or "") in {"127.0.0.1", "localhost", "::1"}
-
-
 # --- 1. friendly shutdown of a worker ---------------------------------------------------------
 
 
@@ -623,7 +619,7 @@ async def test_sigkill_whole_stack_mid_run_then_restart(
 async def test_rabbitmq_restart_under_load(make_stack: StackFactory, effects: Sink) -> None:
     if not shutil.which("rabbitmqctl"):
         pytest.skip("rabbitmqctl is not on PATH: cannot restart the broker")
-    if not _is_local(AMQP_URL):
+    if not is_local(AMQP_URL):
         pytest.skip(f"the broker is not on this machine ({urlsplit(AMQP_URL).hostname})")
     code, out = await _run("rabbitmqctl", "-q", "status")
     if code != 0:
@@ -676,6 +672,28 @@ async def test_rabbitmq_restart_under_load(make_stack: StackFactory, effects: Si
     )
 
 
+async def test_ensure_services_starts_a_rabbitmq_app_left_stopped() -> None:
+    # A node up with its app stopped (a restart test or chaos run killed between stop_app and
+    # start_app) has its port closed; `make run` and `make test` must bring it back.
+    if not shutil.which("rabbitmqctl"):
+        pytest.skip("rabbitmqctl is not on PATH")
+    if not is_local(AMQP_URL):
+        pytest.skip(f"the broker is not on this machine ({urlsplit(AMQP_URL).hostname})")
+    code, out = await _run("rabbitmqctl", "stop_app")
+    assert code == 0, out
+    try:
+        code, out = await _run("bash", str(ROOT / "deploy" / "ensure-services.sh"), timeout=180)
+        assert code == 0, out
+        assert "rabbitmqctl start_app" in out, out
+        assert "RabbitMQ started; reachable" in out, out
+    finally:
+        await _run("rabbitmqctl", "start_app")  # whatever happened above
+    code, out = await _run("rabbitmqctl", "await_startup")
+    assert code == 0, out
+    connection = await aio_pika.connect(AMQP_URL)
+    await connection.close()
+
+
 # --- 5. PostgreSQL restarted ------------------------------------------------------------------
 
 
@@ -694,7 +712,7 @@ async def test_postgresql_restart_under_load(make_stack: StackFactory, effects: 
     if version is None:
         pytest.skip("pg_ctlcluster or /etc/postgresql/<version> is not available")
     stack, api = await make_stack()
-    if not _is_local(stack.env["PACELINE_DATABASE_URL"]):
+    if not is_local(stack.env["PACELINE_DATABASE_URL"]):
         pytest.skip("the database is not on this machine")
     definition = _load_flow(_name("pg"), effects)
     await _define(api, definition)
