@@ -25,13 +25,17 @@ lint: install
 	$(RUN) mypy libs/contracts/src libs/engine/src libs/infra/src services/scheduler/src \
 		services/activity-worker/src services/reporting/src services/admin/src
 
+# Integration tests mostly wait on real processes: a few files run side by side (each file on
+# one worker, so a file's stacks and private services stay together). TEST_WORKERS=0: in series.
+TEST_WORKERS ?= 3
 test: install services
-	$(RUN) pytest $(PYTEST_ARGS)
+	$(RUN) pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 unit: install
 	$(RUN) pytest tests/unit $(PYTEST_ARGS)
 
-run: migrate
+# run_stack.py checks every setting before it migrates or starts anything.
+run: install services
 	$(RUN) python deploy/run_stack.py
 
 # Throughput and failover on this machine, one JSON object a line; e.g. BENCH_ARGS="--kills 5".

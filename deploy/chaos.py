@@ -2,7 +2,7 @@
 that every invariant held.
 
     python deploy/chaos.py [--seed N] [--faults N] [--duration SECONDS]
-                           [--kinds kill,stop,term,rabbitmq,postgres] [--rate N] [--keep]
+                           [--kinds kill,stop,term,rabbitmq,postgres,roll] [--rate N] [--keep]
 
 The seed, the number of faults and the duration may also be set as PACELINE_CHAOS_SEED,
 PACELINE_CHAOS_FAULTS and PACELINE_CHAOS_DURATION_S; an option given wins.
@@ -10,9 +10,12 @@ PACELINE_CHAOS_FAULTS and PACELINE_CHAOS_DURATION_S; an option given wins.
 It starts its own stack (2 schedulers, 3 workers, reporting, admin) in a namespace and databases
 of its own, an HTTP sink that counts non-restartable side effects, and a steady load of
 instances; it injects `--faults` faults spread over `--duration` seconds (SIGKILL, SIGSTOP then
-SIGCONT, SIGTERM drains of schedulers and workers; restarts of RabbitMQ and PostgreSQL, which
-every stack on this machine feels), while a supervisor restarts what died. Then it retries every
-flag as an operator would, waits for the stack to settle and checks the invariants (chaos_check).
+SIGCONT, SIGTERM drains of schedulers and workers; restarts of RabbitMQ and PostgreSQL: private
+ones it starts for its stack on ports of their own, never this machine's; rolling restarts of
+every worker in turn), while a supervisor restarts what died. The load brings its own: cancels
+of running instances, poison activities that kill whatever runs them, and POSTs that time out
+(chaos_load). Then it resolves every flag as an operator would (retry; fail a quarantined
+poison), waits for the stack to settle and checks the invariants (chaos_check).
 Exit status: 0 when every invariant held, 1 on any violation, 2 when the run itself failed.
 """
 
@@ -28,17 +31,20 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from chaos_api import Api, ApiUnavailable
 from chaos_check import Check, check_all, observe
 from chaos_faults import ALL_KINDS, Fault, Injector, plan, unavailable_kinds
-from chaos_load import Load
+from chaos_load import POISON, Load
 from chaos_operator import OPEN, Operator
 from chaos_report import Reporter, fault_table, history_lines, invariant_table
+from chaos_roll import Roller
 from chaos_supervisor import Supervisor
 from effect_sink import Sink
-from stack_env import StackEnv, drop_everything
+from private_services import PrivatePostgres, PrivateRabbitMQ, PrivateServiceError
+from stack_env import AMQP_URL, DATABASE_URL, StackEnv, drop_everything
 
 from stack import BIN, COMMANDS, ROOT, Stack
 
@@ -161,7 +167,11 @@ async def progress(
             still_open = await api.items("/v1/instances", {"status": OPEN}, patience=3)
             flagged = sum(i["status"] == "FLAGGED" for i in still_open)
             ended = max(0, len(load.started) - len(still_open))
-            counts = f"started {len(load.started)}, ended {ended}, flagged {flagged}"
+            cancels = len(load.cancels.records) if load.cancels else 0
+            counts = (
+                f"started {len(load.started)}, ended {ended}, flagged {flagged}, "
+                f"cancelled {cancels}"
+            )
         except Exception as exc:  # progress must never end the run
             counts = f"started {len(load.started)} (API busy: {type(exc).__name__})"
         rep.say(
@@ -170,7 +180,58 @@ async def progress(
         )
 
 
-async def chaos(args: argparse.Namespace, rep: Reporter, env: StackEnv, stack: Stack) -> bool:
+class Private:
+    """The broker and database server of the run's own, for the kinds that restart them."""
+
+    def __init__(self) -> None:
+        self.broker: PrivateRabbitMQ | None = None
+        self.database: PrivatePostgres | None = None
+        self.failed: dict[str, str] = {}
+        """Kinds left out because their private instance would not start, and why."""
+
+    def start(self, kinds: list[str]) -> None:
+        if "rabbitmq" in kinds:
+            try:
+                self.broker = PrivateRabbitMQ.start("paceline-chaos")
+            except PrivateServiceError as exc:
+                self.failed["rabbitmq"] = str(exc)
+        if "postgres" in kinds:
+            try:
+                self.database = PrivatePostgres.start()
+            except PrivateServiceError as exc:
+                self.failed["postgres"] = str(exc)
+
+    def describe(self) -> list[str]:
+        lines = []
+        if self.broker:
+            lines.append(
+                f"rabbitmq restarts: a private broker for this run, node {self.broker.node} "
+                f"on port {self.broker.port} (up in {self.broker.started_in_s or 0:.1f}s)"
+            )
+        if self.database:
+            lines.append(
+                f"postgres restarts: a private PostgreSQL {self.database.version} for this run "
+                f"on port {self.database.port} (up in {self.database.started_in_s or 0:.1f}s)"
+            )
+        return lines
+
+    def teardown(self, keep: bool) -> list[str]:
+        """Stopped and removed; with `keep`, left running (with the run's kept databases and
+        queues): how to stop each."""
+        kept = []
+        for instance in (self.broker, self.database):
+            if instance is None:
+                continue
+            if keep:
+                kept.append(instance.keep())
+            else:
+                instance.teardown()
+        return kept
+
+
+async def chaos(
+    args: argparse.Namespace, rep: Reporter, env: StackEnv, stack: Stack, private: Private
+) -> bool:
     """The run itself; True when every invariant held."""
     timings: dict[str, float] = {}
     sink = Sink()
@@ -196,24 +257,33 @@ async def chaos(args: argparse.Namespace, rep: Reporter, env: StackEnv, stack: S
         timings["set-up"] = time.monotonic() - mark
 
         faults = plan(random.Random(f"{args.seed}/plan"), args.faults, args.duration, args.kinds)
-        injector = Injector(supervisor, random.Random(f"{args.seed}/targets"))
+        roller = Roller(supervisor, api, rep.say, rep.note)
+        injector = Injector(
+            supervisor,
+            random.Random(f"{args.seed}/targets"),
+            private.broker,
+            private.database,
+            roller,
+        )
         rep.begin = mark = time.monotonic()
         background = [
             asyncio.create_task(supervisor.run(done)),
             asyncio.create_task(progress(rep, api, load, faults, supervisor, quiet)),
         ]
         await asyncio.gather(load.run(rep.begin + args.duration), inject_all(rep, injector, faults))
+        await roller.finish()
         timings["faults and load"] = time.monotonic() - mark
 
         mark = time.monotonic()
         rep.say("faults over: resuming frozen services, restoring every service")
         supervisor.resume_all()
         await wait_until("every service to be up again", READY_S, all_up)
-        rep.say("retrying every flag as an operator, until every instance has ended")
+        rep.say("resolving every flag as an operator, until every instance has ended")
         operator = Operator(api)
 
-        def settling(still_open: int, flagged: int) -> None:
-            rep.say(f"settling: {still_open} open, {flagged} flagged")
+        def settling(still_open: Counter[str], flagged: int) -> None:
+            statuses = ", ".join(f"{n} {s}" for s, n in sorted(still_open.items()))
+            rep.say(f"settling: {sum(still_open.values())} open ({statuses}), {flagged} flagged")
 
         settled = await operator.settle(args.settle, settling)
         timings["settle"] = time.monotonic() - mark
@@ -221,12 +291,22 @@ async def chaos(args: argparse.Namespace, rep: Reporter, env: StackEnv, stack: S
         rep.say("settled" if settled else "NOT settled: instances still open (see the checks)")
 
         mark = time.monotonic()
-        seen = await observe(api, sink.posts(), operator.retried)
-        checks = await check_all(env, api, load, seen)
+        posts = sink.posts()
+        arrivals = {path: sink.arrivals(path) for path in posts}
+        seen = await observe(api, posts, operator.retried, arrivals)
+        checks = await check_all(
+            env,
+            api,
+            load,
+            seen,
+            rolls=roller.rolls,
+            failed=operator.failed,
+            settled=settled,
+        )
         timings["checks"] = time.monotonic() - mark
         done.set()
         await asyncio.gather(*background)
-        await report(rep, api, args, faults, checks, timings, supervisor, operator)
+        await report(rep, api, args, faults, checks, timings, supervisor, operator, load)
         return all(c.ok for c in checks)
     finally:
         done.set()
@@ -244,6 +324,7 @@ async def report(
     timings: dict[str, float],
     supervisor: Supervisor,
     operator: Operator,
+    load: Load,
 ) -> None:
     rep.block(["", *fault_table(faults), ""])
     rep.block([*invariant_table(checks), ""])
@@ -254,12 +335,19 @@ async def report(
         except ApiUnavailable as exc:
             rep.say(f"no history for {instance_id}: {exc}")
     times = ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
-    flags = ", ".join(f"{n} {k}" for k, n in operator.flag_kinds.most_common()) or "none"
+    assert load.cancels is not None
+    cancels = ", ".join(f"{n} {k}" for k, n in sorted(load.cancels.summary().items()))
+    poison = sum(load.definition_of.get(k) == POISON for k in load.started.values())
+    timing_out = sum(bool(load.inputs_of[k].get("hold_first")) for k in load.started.values())
+    unknown = operator.flag_kinds["outcome_unknown"] + operator.failed_kinds["outcome_unknown"]
     rep.block(
         [
             f"chaos: seed {args.seed}; {times}",
-            f"chaos: service restarts {supervisor.restarts}; flags retried by the operator: "
-            f"{flags}; API calls tried again {api.retries}",
+            f"chaos: service restarts {supervisor.restarts}; {operator.describe()}; "
+            f"API calls tried again {api.retries}",
+            f"chaos: load: {len(load.started)} instances; cancels {len(load.cancels.records)} "
+            f"({cancels or 'none'}); poison instances {poison}; instances whose first POST "
+            f"times out {timing_out}; outcome_unknown flags {unknown}",
             f"chaos: {sum(c.ok for c in checks)} of {len(checks)} invariants held: "
             + ("OK" if all(c.ok for c in checks) else "VIOLATED"),
         ]
@@ -268,14 +356,31 @@ async def report(
 
 async def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    env = StackEnv.fresh("plchaos")
-    log_dir = ROOT / ".paceline" / "chaos" / env.namespace
-    rep = Reporter(log_dir / "chaos.log")
     skipped = {k: why for k, why in unavailable_kinds().items() if k in args.kinds}
     args.kinds = [k for k in args.kinds if k not in skipped]
+    # Broker and database restarts act on private instances of the run's own (its stack uses
+    # them), never on this machine's: a `make run` stack may be using those.
+    private = Private()
+    try:
+        await asyncio.to_thread(private.start, args.kinds)
+    except BaseException:
+        private.teardown(keep=False)
+        raise
+    skipped |= private.failed
+    args.kinds = [k for k in args.kinds if k not in skipped]
+    env = StackEnv.fresh(
+        "plchaos",
+        amqp_url=private.broker.url if private.broker else AMQP_URL,
+        rabbitmq_node=private.broker.node if private.broker else None,
+        server_url=private.database.url if private.database else DATABASE_URL,
+    )
+    log_dir = ROOT / ".paceline" / "chaos" / env.namespace
+    rep = Reporter(log_dir / "chaos.log")
     rep.say(f"seed {args.seed} (replay with --seed {args.seed})")
     for kind, why in skipped.items():
         rep.say(f"leaving out {kind} restarts: {why}")
+    for line in private.describe():
+        rep.say(line)
     rep.say(
         f"{args.faults} faults ({','.join(args.kinds)}) over {args.duration:.0f}s, "
         f"{args.rate:g} instances/s; namespace {env.namespace}; logs in {log_dir}"
@@ -289,7 +394,7 @@ async def main(argv: list[str]) -> int:
         asyncio.get_running_loop().add_signal_handler(signum, main_task.cancel)
     ok = False
     try:
-        ok = await chaos(args, rep, env, stack)
+        ok = await chaos(args, rep, env, stack, private)
     except asyncio.CancelledError:
         rep.say("interrupted: stopping the stack")
         return 130
@@ -310,6 +415,8 @@ async def main(argv: list[str]) -> int:
                 rep.say(f"could not drop {env.namespace}'s databases and queues: {exc!r}")
             if not ok:
                 rep.say(f"logs kept in {log_dir}")
+        for how in await asyncio.to_thread(private.teardown, args.keep):
+            rep.say(f"kept: {how}")
         rep.close()
         if ok and not args.keep:
             shutil.rmtree(log_dir, ignore_errors=True)

@@ -3,6 +3,12 @@
 The plan (kinds and times) follows from the seed alone. Targets are picked when a fault is due,
 among the services that are up then, so they depend on timing too: a replay with the same seed
 injects the same kinds at the same times, not always into the same processes.
+
+Broker and database restarts act only on the private RabbitMQ and PostgreSQL the run started for
+its own stack, on ports of their own (deploy/private_services.py): never on this machine's.
+
+A `roll` (a rolling restart of every activity-worker, chaos_roll.py) runs in the background
+for a while: the faults after it keep their times.
 """
 
 from __future__ import annotations
@@ -10,21 +16,21 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import shutil
 import signal
-import subprocess
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
+from chaos_roll import Roller
 from chaos_supervisor import Supervisor
-from stack_env import AMQP_URL, DATABASE_URL, is_local
+from private_services import PrivatePostgres, PrivateRabbitMQ
 
 from stack import Service
 
 PROCESS_KINDS = ("kill", "stop", "term")
 INFRA_KINDS = ("rabbitmq", "postgres")
-ALL_KINDS = PROCESS_KINDS + INFRA_KINDS
+RARE_KINDS = (*INFRA_KINDS, "roll")
+"""Faults that take a while and touch the whole stack: a few per run, never back to back."""
+ALL_KINDS = PROCESS_KINDS + RARE_KINDS
 PROCESS_WEIGHTS = {"kill": 4, "stop": 3, "term": 3}
 TARGETS = ("scheduler", "activity-worker")
 STOP_S = (1.0, 8.0)
@@ -49,21 +55,37 @@ class Fault:
 
 def plan(rng: random.Random, faults: int, duration: float, kinds: list[str]) -> list[Fault]:
     """`faults` faults spread evenly (with jitter) over `duration`. Broker and database
-    restarts happen a few times at most, never back to back; the rest are signals."""
+    restarts and rolling restarts happen a few times at most, never back to back; the rest are
+    signals."""
     process = [k for k in kinds if k in PROCESS_KINDS]
-    infra = [k for k in kinds if k in INFRA_KINDS]
+    rare = [k for k in kinds if k in RARE_KINDS]
     if process:
         each = 1 if faults < 100 else min(3, faults // 60)
-        restarts = infra * each
+        restarts = rare * each
         rng.shuffle(restarts)
-        restarts = restarts[: max(0, (faults - 2) // 3)]
+        restarts = _rolls_early(restarts[: max(0, (faults - 2) // 3)])
         at_index = dict(zip(_spaced(rng, faults, len(restarts)), restarts, strict=True))
         weights = [PROCESS_WEIGHTS[k] for k in process]
         chosen = [at_index.get(i) or rng.choices(process, weights)[0] for i in range(faults)]
     else:
-        chosen = [infra[i % len(infra)] for i in range(faults)]
+        chosen = [rare[i % len(rare)] for i in range(faults)]
     spacing = duration / max(faults, 1)
     return [Fault(i, spacing * (i + rng.uniform(0.2, 0.8)), kind) for i, kind in enumerate(chosen)]
+
+
+def _rolls_early(restarts: list[str]) -> list[str]:
+    """A roll lasts up to a minute (each worker's drain, then its replacement's start, in
+    turn), and it should run while the load does: the first of the rare faults is a roll, and
+    the last is not when another kind can be. So a short run's roll ends within its duration."""
+    if "roll" not in restarts:
+        return restarts
+    restarts.remove("roll")
+    restarts.insert(0, "roll")
+    if restarts[-1] == "roll":
+        other = next((i for i in range(len(restarts) - 1, -1, -1) if restarts[i] != "roll"), None)
+        if other is not None:
+            restarts[-1], restarts[other] = restarts[other], restarts[-1]
+    return restarts
 
 
 def _spaced(rng: random.Random, faults: int, n: int) -> list[int]:
@@ -76,52 +98,53 @@ def _spaced(rng: random.Random, faults: int, n: int) -> list[int]:
 
 
 def unavailable_kinds() -> dict[str, str]:
-    """Infrastructure faults this machine cannot inject, and why."""
+    """Infrastructure faults this machine cannot inject (it cannot run a private instance to
+    inject them into), and why."""
     why: dict[str, str] = {}
-    root = os.geteuid() == 0
-    if not (shutil.which("rabbitmqctl") and is_local(AMQP_URL) and root):
-        why["rabbitmq"] = "needs rabbitmqctl, a broker on this machine, and root"
-    if not (shutil.which("pg_ctlcluster") and _pg_version() and is_local(DATABASE_URL) and root):
-        why["postgres"] = "needs pg_ctlcluster, a cluster in /etc/postgresql, and root"
+    broker = PrivateRabbitMQ.why_unavailable()
+    if broker is not None:
+        why["rabbitmq"] = f"needs a private RabbitMQ node: {broker}"
+    database = PrivatePostgres.why_unavailable()
+    if database is not None:
+        why["postgres"] = f"needs a private PostgreSQL cluster: {database}"
     return why
-
-
-def _pg_version() -> str | None:
-    versions = (
-        sorted(Path("/etc/postgresql").glob("*/main")) if Path("/etc/postgresql").is_dir() else []
-    )
-    return versions[-1].parent.name if versions else None
-
-
-async def _run(*argv: str) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    _, err = await asyncio.wait_for(proc.communicate(), 120)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {err.decode()[-500:]}")
 
 
 @dataclass
 class Injector:
     supervisor: Supervisor
     rng: random.Random
+    broker: PrivateRabbitMQ | None = None
+    """The run's private broker: the only one `rabbitmq` faults restart."""
+    database: PrivatePostgres | None = None
+    """The run's private PostgreSQL: the only one `postgres` faults restart."""
+    roller: Roller | None = None
+    """Runs `roll` faults."""
 
     async def inject(self, fault: Fault) -> None:
-        if fault.kind == "rabbitmq":
-            fault.target = "broker"
-            await _run("rabbitmqctl", "-q", "stop_app")
+        # The private instances' errors are RuntimeErrors: the fault is then not injected.
+        if fault.kind == "roll":
+            if self.roller is None:
+                raise RuntimeError("no roller for this run")
+            roll = self.roller.start()
+            fault.target = f"every activity-worker in turn (roll {roll.index})"
+        elif fault.kind == "rabbitmq":
+            broker = self.broker
+            if broker is None:
+                raise RuntimeError("no private broker was started for this run")
+            fault.target = f"private broker (port {broker.port})"
+            await asyncio.to_thread(broker.stop_app)
             try:
                 await asyncio.sleep(self.rng.uniform(*BROKER_DOWN_S))
             finally:
-                # Even when the run is interrupted here: never leave the machine's broker down.
-                await _run("rabbitmqctl", "-q", "start_app")
-                await _run("rabbitmqctl", "-q", "await_startup")
+                # Even when the run is interrupted here: never leave the broker down.
+                await asyncio.to_thread(broker.start_app)
         elif fault.kind == "postgres":
-            version = _pg_version()
-            assert version is not None
-            fault.target = f"postgresql {version}"
-            await _run("pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart")
+            database = self.database
+            if database is None:
+                raise RuntimeError("no private PostgreSQL was started for this run")
+            fault.target = f"private postgresql {database.version} (port {database.port})"
+            await asyncio.to_thread(database.restart)
         else:
             service = await self._target()
             fault.target = f"{service.name} (pid {service.pid})"
@@ -138,10 +161,13 @@ class Injector:
         """A scheduler or worker that is up, preferably one whose kind keeps another up."""
         deadline = time.monotonic() + NO_PEER_WAIT_S
         while True:
+            # The worker whose turn it is in a roll is left alone until its replacement is up:
+            # the roll is a deploy, not a crash loop.
+            rolling = self.roller.current if self.roller else None
             up = [
                 s
                 for s in self.supervisor.stack.services.values()
-                if s.kind in TARGETS and self.supervisor.up(s)
+                if s.kind in TARGETS and self.supervisor.up(s) and s.name != rolling
             ]
             with_peer = [s for s in up if sum(p.kind == s.kind for p in up) > 1]
             pool = with_peer or (up if time.monotonic() > deadline else [])

@@ -4,6 +4,10 @@ non-restartable work must never do twice without an operator saying so (`make ch
 A POST is a non-restartable side effect: the sink counts it per path the moment it arrives
 (before any `?hold=`), because "may have started" is exactly what the failover rule is about.
 A GET is a restartable read: answered, counted only for the record.
+
+`?hold=S` holds every request S seconds before answering; `?hold_first=S` holds only the first
+POST to its path (a caller with a shorter time-out gives up on it: its outcome is unknown),
+so that a second one, an operator's retry, is answered at once.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class _QuietServer(ThreadingHTTPServer):
 class Sink:
     def __init__(self) -> None:
         self._posts: Counter[str] = Counter()
+        self._arrivals: dict[str, list[float]] = {}
         self._gets = 0
         self._lock = threading.Lock()
         self._server = _QuietServer(("127.0.0.1", 0), self._handler())
@@ -58,6 +63,11 @@ class Sink:
         with self._lock:
             return self._posts[path]
 
+    def arrivals(self, path: str) -> list[float]:
+        """When each POST to `path` arrived (`time.time()`, seconds), in order."""
+        with self._lock:
+            return list(self._arrivals.get(path, ()))
+
     def gets(self) -> int:
         with self._lock:
             return self._gets
@@ -66,6 +76,7 @@ class Sink:
         with self._lock:
             if method == "POST":
                 self._posts[path] += 1
+                self._arrivals.setdefault(path, []).append(time.time())
                 return self._posts[path]
             self._gets += 1
             return 0
@@ -88,7 +99,10 @@ class Sink:
                 if length:
                     self.rfile.read(length)
                 count = sink._record(method, url.path)
-                hold = float(parse_qs(url.query).get("hold", ["0"])[0])
+                query = parse_qs(url.query)
+                hold = float(query.get("hold", ["0"])[0])
+                if count == 1:
+                    hold += max(float(query.get("hold_first", ["0"])[0]), 0.0)
                 # Hold the caller so that a fault can land while the request is in flight.
                 time.sleep(min(max(hold, 0.0), MAX_HOLD_S))
                 payload = json.dumps({"path": url.path, "count": count}).encode()

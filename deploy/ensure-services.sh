@@ -13,6 +13,9 @@
 # Environment:
 #   PACELINE_AMQP_URL       default amqp://guest:guest@127.0.0.1:5672/
 #   PACELINE_DATABASE_URL   default postgresql://postgres@127.0.0.1:5432/paceline
+#   PACELINE_RABBITMQ_NODE  the broker's node name for rabbitmqctl -n (default: rabbitmqctl's
+#                           own, the machine's node); a node so named (a private one, see
+#                           deploy/private_services.py) is only ever given start_app
 #   ENSURE_SERVICES_TIMEOUT seconds to wait for a started service (default 60)
 #
 # Idempotent, non-interactive (no stdin needed), safe with CI=true.
@@ -22,6 +25,9 @@ AMQP_URL="${PACELINE_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/}"
 DATABASE_URL="${PACELINE_DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/paceline}"
 START_TIMEOUT="${ENSURE_SERVICES_TIMEOUT:-60}"
 MIN_RABBITMQ="3.10"
+RABBITMQ_NODE="${PACELINE_RABBITMQ_NODE:-}"
+RABBITMQCTL=(rabbitmqctl)
+[ -z "$RABBITMQ_NODE" ] || RABBITMQCTL+=(-n "$RABBITMQ_NODE")
 
 # Service binaries (rabbitmq-server, rabbitmqctl, ...) live in sbin, which is not
 # always on a non-root PATH.
@@ -249,10 +255,12 @@ rabbitmq_installed() { have rabbitmq-server; }
 rabbitmq_start() {
     # A node can be up with its app stopped (rabbitmqctl stop_app, e.g. by a restart test that
     # was itself killed): the port is closed, and starting another node would fail.
-    if have rabbitmqctl && timeout 20 rabbitmqctl ping >/dev/null 2>&1; then
-        log "RabbitMQ node is running with its app stopped; rabbitmqctl start_app"
-        timeout 60 rabbitmqctl start_app >/dev/null 2>&1 && return 0
+    if have rabbitmqctl && timeout 20 "${RABBITMQCTL[@]}" ping >/dev/null 2>&1; then
+        log "RabbitMQ node ${RABBITMQ_NODE:+$RABBITMQ_NODE }is running with its app stopped; rabbitmqctl start_app"
+        timeout 60 "${RABBITMQCTL[@]}" start_app >/dev/null 2>&1 && return 0
     fi
+    # A node named by PACELINE_RABBITMQ_NODE is not the machine's service to start.
+    [ -z "$RABBITMQ_NODE" ] || return 1
     if rabbitmq-server -detached >/dev/null 2>&1; then
         return 0
     fi
@@ -268,7 +276,7 @@ rabbitmq_start() {
 rabbitmq_check_version() {
     have rabbitmqctl || return 0
     local ver=""
-    ver="$(timeout 20 rabbitmqctl version 2>/dev/null | grep -Eo '^[0-9]+\.[0-9]+(\.[0-9]+)?' | head -n1)" || true
+    ver="$(timeout 20 "${RABBITMQCTL[@]}" version 2>/dev/null | grep -Eo '^[0-9]+\.[0-9]+(\.[0-9]+)?' | head -n1)" || true
     if [ -z "$ver" ] && have dpkg-query; then
         ver="$(dpkg-query -W -f='${Version}' rabbitmq-server 2>/dev/null | grep -Eo '^[0-9]+\.[0-9]+(\.[0-9]+)?' || true)"
     fi
@@ -291,15 +299,17 @@ CONSUMER_TIMEOUT_MS="${PACELINE_RABBITMQ_CONSUMER_TIMEOUT_MS:-604800000}"
 rabbitmq_consumer_timeout() {
     have rabbitmqctl || return 0
     local current conf=/etc/rabbitmq/rabbitmq.conf
-    current="$(timeout 20 rabbitmqctl eval 'application:get_env(rabbit, consumer_timeout).' 2>/dev/null | tr -d ' \n')" || current=""
+    current="$(timeout 20 "${RABBITMQCTL[@]}" eval 'application:get_env(rabbit, consumer_timeout).' 2>/dev/null | tr -d ' \n')" || current=""
     if [ "$current" != "{ok,${CONSUMER_TIMEOUT_MS}}" ]; then
-        if timeout 20 rabbitmqctl eval "application:set_env(rabbit, consumer_timeout, ${CONSUMER_TIMEOUT_MS})." >/dev/null 2>&1; then
+        if timeout 20 "${RABBITMQCTL[@]}" eval "application:set_env(rabbit, consumer_timeout, ${CONSUMER_TIMEOUT_MS})." >/dev/null 2>&1; then
             log "RabbitMQ consumer_timeout raised to ${CONSUMER_TIMEOUT_MS} ms (was ${current:-unknown}), so long activities keep their message"
         else
             warn "could not raise RabbitMQ's consumer_timeout: activities longer than it (30 min by default) would be redelivered; set consumer_timeout in ${conf}"
             return 0
         fi
     fi
+    # The machine's rabbitmq.conf is not a named (private) node's configuration.
+    [ -z "$RABBITMQ_NODE" ] || return 0
     if [ -w "$(dirname "$conf")" ] && ! grep -qs '^[[:space:]]*consumer_timeout' "$conf"; then
         printf '\n# Paceline: an activity holds its message unacked until it ends\nconsumer_timeout = %s\n' \
             "$CONSUMER_TIMEOUT_MS" >> "$conf"
@@ -356,7 +366,7 @@ ensure_rabbitmq() {
 
     local deadline=$((SECONDS + START_TIMEOUT))
     if have rabbitmqctl; then
-        timeout "$START_TIMEOUT" rabbitmqctl await_startup --timeout "$START_TIMEOUT" >/dev/null 2>&1 || true
+        timeout "$START_TIMEOUT" "${RABBITMQCTL[@]}" await_startup --timeout "$START_TIMEOUT" >/dev/null 2>&1 || true
     fi
     local left=$((deadline - SECONDS))
     [ "$left" -ge 1 ] || left=1

@@ -2,16 +2,25 @@
 
 Used by `make run` (through run_stack.py, which supervises them) and by the integration tests
 (which SIGKILL and SIGSTOP them). A development tool, not part of any service.
+
+Each service process runs in a session (and so a process group) of its own: a terminal's Ctrl-C
+reaches only the process that started it, which then asks each service to stop exactly once. On
+Linux a service also gets SIGTERM (a friendly shutdown) when the process that started it dies,
+even by SIGKILL, so none lingers as an orphan.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +35,35 @@ COMMANDS = {
 }
 
 _SERVER_PID = re.compile(r"-(\d+)-[0-9a-f]{6}$")
+_PR_SET_PDEATHSIG = 1
+
+
+def _libc_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    prctl: Callable[..., int] = libc.prctl
+    return prctl
+
+
+_PRCTL = _libc_prctl()
+"""Looked up once, here: a child between fork and exec should do as little as it can."""
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """Run in the child before exec: SIGTERM when the parent dies (Linux), or now if it has
+    died already."""
+
+    def arrange() -> None:
+        assert _PRCTL is not None
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # died before the line above: nobody would tell us
+            os._exit(1)
+
+    return arrange
 
 
 @dataclass
@@ -37,6 +75,10 @@ class Service:
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
+    started_at: float = 0.0
+    """time.monotonic() when the current process was started"""
+    log_start: int = 0
+    """Where the current process's output begins in `log_path` (the file is appended to)."""
 
     @property
     def pid(self) -> int:
@@ -45,6 +87,19 @@ class Service:
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, lines: int = 10) -> list[str]:
+        """The last `lines` lines the current (or last) process wrote to its log."""
+        try:
+            with self.log_path.open("rb") as f:
+                end = f.seek(0, os.SEEK_END)
+                start = f.seek(max(self.log_start, end - 1000 * lines))  # plenty of lines
+                found = f.read().decode(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+        if start > self.log_start:
+            found = found[1:]  # begun mid-line
+        return found[-lines:]
 
 
 @dataclass
@@ -72,8 +127,13 @@ class Stack:
         return service
 
     def start(self, name: str) -> Service:
+        """Start the service's process, in a session of its own; on Linux, when called from
+        the main thread, it also gets SIGTERM if this process dies (the kernel ties that to the
+        thread that started it, so not from other threads, which may end before us)."""
         service = self.services[name]
         log = service.log_path.open("ab")
+        service.log_start = log.tell()
+        die_with_us = _PRCTL is not None and threading.current_thread() is threading.main_thread()
         service.process = subprocess.Popen(
             [str(BIN / COMMANDS[service.kind]), "run"],
             env=self._environ(service.env),
@@ -81,7 +141,10 @@ class Stack:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=ROOT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent(os.getpid()) if die_with_us else None,
         )
+        service.started_at = time.monotonic()
         log.close()
         return service
 

@@ -1,6 +1,10 @@
 """A stack's own names (namespace, databases, port, token), the broker's view of its queues,
 and tearing them down. Used by `make chaos` and the tests: a stack never touches another
 stack's names, so either runs next to `make run` on the same broker and server.
+
+A stack uses the machine's broker and database server (PACELINE_AMQP_URL, PACELINE_DATABASE_URL)
+unless it is given others: a private broker or server (deploy/private_services.py) that a
+restart test or a chaos run may restart. Its queues are then asked of that broker, by node name.
 """
 
 from __future__ import annotations
@@ -51,6 +55,19 @@ def _free_port() -> int:
 
 
 @dataclass(frozen=True)
+class Broker:
+    """A RabbitMQ broker: its AMQP URL, and the node name `rabbitmqctl -n` reaches it by (None:
+    rabbitmqctl's default node, which is the machine's broker)."""
+
+    url: str = AMQP_URL
+    node: str | None = None
+
+
+_BROKERS: dict[str, Broker] = {}
+"""The broker of each namespace this process made a StackEnv for, other than the machine's."""
+
+
+@dataclass(frozen=True)
 class StackEnv:
     """Names no other stack on this broker or server uses."""
 
@@ -59,10 +76,29 @@ class StackEnv:
     reporting_database: str
     admin_port: int
     token: str
+    amqp_url: str = AMQP_URL
+    """The broker the stack uses: by default the machine's."""
+    server_url: str = DATABASE_URL
+    """A URL of the PostgreSQL server the stack's databases are on (its database part is not
+    used): by default the machine's."""
+    rabbitmq_node: str | None = None
+    """The broker's node name for `rabbitmqctl -n`, when it is not the machine's broker."""
+
+    def __post_init__(self) -> None:
+        if self.broker != Broker():
+            _BROKERS[self.namespace] = self.broker
 
     @classmethod
-    def fresh(cls, prefix: str) -> StackEnv:
-        """New names starting with `prefix` (letters and digits), e.g. `plchaos`."""
+    def fresh(
+        cls,
+        prefix: str,
+        *,
+        amqp_url: str = AMQP_URL,
+        server_url: str = DATABASE_URL,
+        rabbitmq_node: str | None = None,
+    ) -> StackEnv:
+        """New names starting with `prefix` (letters and digits), e.g. `plchaos`; on the
+        machine's broker and database server unless given others."""
         tag = secrets.token_hex(5)
         return cls(
             f"{prefix}-{tag}",
@@ -70,29 +106,40 @@ class StackEnv:
             f"{prefix}_rep_{tag}",
             _free_port(),
             secrets.token_urlsafe(24),
+            amqp_url,
+            server_url,
+            rabbitmq_node,
         )
 
     @property
+    def broker(self) -> Broker:
+        return Broker(self.amqp_url, self.rabbitmq_node)
+
+    @property
     def database_url(self) -> str:
-        return _with_database(DATABASE_URL, self.database)
+        return _with_database(self.server_url, self.database)
 
     @property
     def reporting_url(self) -> str:
-        return _with_database(DATABASE_URL, self.reporting_database)
+        return _with_database(self.server_url, self.reporting_database)
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.admin_port}"
 
     def variables(self) -> dict[str, str]:
-        return {
+        variables = {
             "PACELINE_NAMESPACE": self.namespace,
-            "PACELINE_AMQP_URL": AMQP_URL,
+            "PACELINE_AMQP_URL": self.amqp_url,
             "PACELINE_DATABASE_URL": self.database_url,
             "PACELINE_REPORTING_DATABASE_URL": self.reporting_url,
             "PACELINE_ADMIN_PORT": str(self.admin_port),
             "PACELINE_ADMIN_TOKEN": self.token,
         }
+        if self.rabbitmq_node:
+            # Not a service setting: what deploy/ensure-services.sh names the node by.
+            variables["PACELINE_RABBITMQ_NODE"] = self.rabbitmq_node
+        return variables
 
     def live_queues(self) -> set[str]:
         return {queue_name(self.namespace, q) for q in Queue}
@@ -101,14 +148,25 @@ class StackEnv:
         return {dead_queue_name(self.namespace, q) for q in Queue}
 
 
-def _can_ask_rabbitmqctl() -> bool:
-    return shutil.which("rabbitmqctl") is not None and is_local(AMQP_URL)
+def broker_of(namespace: str) -> Broker:
+    """The broker the namespace's stack uses (the machine's, unless its StackEnv said other)."""
+    return _BROKERS.get(namespace, Broker())
 
 
-async def _rabbitmqctl(*argv: str) -> str:
-    """What `rabbitmqctl -q <argv>` prints (the local broker's own view)."""
+def _can_ask_rabbitmqctl(broker: Broker) -> bool:
+    # rabbitmqctl without -n asks the machine's node: only right for the machine's broker.
+    return (
+        shutil.which("rabbitmqctl") is not None
+        and is_local(broker.url)
+        and (broker.node is not None or broker.url == AMQP_URL)
+    )
+
+
+async def _rabbitmqctl(broker: Broker, *argv: str) -> str:
+    """What `rabbitmqctl -q [-n <node>] <argv>` prints (the local broker's own view)."""
+    node = ("-n", broker.node) if broker.node else ()
     proc = await asyncio.create_subprocess_exec(
-        "rabbitmqctl", "-q", *argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        "rabbitmqctl", "-q", *node, *argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
     )
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     return out.decode()
@@ -116,24 +174,26 @@ async def _rabbitmqctl(*argv: str) -> str:
 
 async def queue_depths(namespace: str) -> dict[str, int]:
     """Messages (ready and unacknowledged) in each queue of the namespace."""
-    if _can_ask_rabbitmqctl():
-        out = await _rabbitmqctl("list_queues", "name", "messages")
+    broker = broker_of(namespace)
+    if _can_ask_rabbitmqctl(broker):
+        out = await _rabbitmqctl(broker, "list_queues", "name", "messages")
         depths = {}
         for line in out.splitlines():
             parts = line.split()
             if len(parts) == 2 and parts[0].startswith(f"{namespace}.") and parts[1].isdigit():
                 depths[parts[0]] = int(parts[1])
         return depths
-    return await _passive_depths(namespace)
+    return await _passive_depths(namespace, broker.url)
 
 
 async def queue_details(namespace: str) -> dict[str, str]:
     """Ready, unacknowledged and consumers of each queue of the namespace, when rabbitmqctl
     can say: what tells a message nobody takes from one a consumer holds and never settles."""
-    if not _can_ask_rabbitmqctl():
+    broker = broker_of(namespace)
+    if not _can_ask_rabbitmqctl(broker):
         return {}
     columns = ("messages_ready", "messages_unacknowledged", "consumers")
-    out = await _rabbitmqctl("list_queues", "name", *columns)
+    out = await _rabbitmqctl(broker, "list_queues", "name", *columns)
     found = {}
     for line in out.splitlines():
         parts = line.split()
@@ -142,15 +202,29 @@ async def queue_details(namespace: str) -> dict[str, str]:
     return found
 
 
-async def unsettled_holders() -> list[str]:
+async def unsettled_holders(namespace: str | None = None) -> list[str]:
     """Which connections (named by their server id) hold unacknowledged deliveries now, when
-    rabbitmqctl can say: who to blame for a queue that is never seen empty."""
-    if not _can_ask_rabbitmqctl():
+    rabbitmqctl can say: who to blame for a queue that is never seen empty. On the broker of
+    `namespace`; without one, of the stacks this process made (the machine's when none said
+    other)."""
+    if namespace is not None:
+        brokers = [broker_of(namespace)]
+    else:
+        brokers = sorted(set(_BROKERS.values()), key=lambda b: b.url) or [Broker()]
+    holders = []
+    for broker in brokers:
+        holders += await _unsettled_on(broker)
+    return holders
+
+
+async def _unsettled_on(broker: Broker) -> list[str]:
+    if not _can_ask_rabbitmqctl(broker):
         return []
 
     async def listing(*argv: str) -> list[dict[str, Any]]:
         try:
-            return list(json.loads(await _rabbitmqctl(*argv, "--formatter", "json") or "[]"))
+            out = await _rabbitmqctl(broker, *argv, "--formatter", "json")
+            return list(json.loads(out or "[]"))
         except ValueError:
             return []
 
@@ -176,9 +250,9 @@ def _connection_name(properties: list[Any], default: str) -> str:
     return default
 
 
-async def _passive_depths(namespace: str) -> dict[str, int]:
+async def _passive_depths(namespace: str, amqp_url: str) -> dict[str, int]:
     # A passive declare counts only ready messages: good enough once consumers have settled.
-    connection = await aio_pika.connect(AMQP_URL)
+    connection = await aio_pika.connect(amqp_url)
     try:
         depths = {}
         for q in Queue:
@@ -208,13 +282,13 @@ async def drop_everything(env: StackEnv, tries: int = 20) -> None:
 
 
 async def _drop(env: StackEnv) -> None:
-    conn = await asyncpg.connect(_with_database(DATABASE_URL, "postgres"))
+    conn = await asyncpg.connect(_with_database(env.server_url, "postgres"))
     try:
         for name in (env.database, env.reporting_database):
             await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
-    connection = await aio_pika.connect(AMQP_URL)
+    connection = await aio_pika.connect(env.amqp_url)
     try:
         channel = await connection.channel()
         for name in sorted(env.live_queues() | env.dead_queues()):

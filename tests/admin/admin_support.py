@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 import uuid
-from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -14,9 +14,9 @@ import httpx
 import orjson
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from paceline_contracts.messages import HEARTBEAT, ServerHeartbeat
+from paceline_contracts.messages import HEARTBEAT, ActivityError, InstanceCancelled, ServerHeartbeat
 from paceline_contracts.states import ActivityStatus, InstanceStatus, ServerKind, ServerStatus
-from paceline_engine.state import ActivityState, Flag, InstanceState
+from paceline_engine.state import ActivityState, CancelRequest, Flag, InstanceState
 
 TOKEN = "test-token-" + secrets.token_hex(16)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -30,6 +30,10 @@ SIMPLE = {
         {"id": "second", "type": "sleep", "with": {"seconds": 0}},
     ],
 }
+
+
+Broadcasts = Callable[[str], Awaitable[list[tuple[InstanceCancelled, AbstractIncomingMessage]]]]
+"""The `broadcasts` fixture: an instance's cancellation broadcasts on the stream."""
 
 
 def unique(prefix: str) -> str:
@@ -110,15 +114,34 @@ def done(status: ActivityStatus = ActivityStatus.COMPLETED) -> ActivityState:
     return ActivityState(type="noop", status=status, attempt=1, restartable=True, output={})
 
 
+def running(server: str, attempt: int = 1, *, restartable: bool = False) -> ActivityState:
+    """An activity `server` claimed and runs."""
+    since = datetime.now(UTC) - timedelta(seconds=5)
+    return ActivityState(
+        type="noop",
+        status=ActivityStatus.RUNNING,
+        attempt=attempt,
+        message_attempt=attempt,
+        restartable=restartable,
+        server_id=server,
+        started_at=since,
+        claimed_by=server,
+        claimed_at=since,
+    )
+
+
 async def insert_instance(
     pool: asyncpg.Pool,
     definition: str,
     activities: dict[str, ActivityState],
     status: InstanceStatus = InstanceStatus.FLAGGED,
+    *,
+    cancel: CancelRequest | None = None,
+    error: ActivityError | None = None,
 ) -> tuple[str, str]:
     """An instance row as the scheduler would have written it; its id and trace id."""
     instance_id, trace_id = uuid.uuid4(), secrets.token_hex(16)
-    state = InstanceState(status=status, activities=activities)
+    state = InstanceState(status=status, activities=activities, cancel=cancel, error=error)
     await pool.execute(
         "INSERT INTO instances (id, definition, version, status, state, trace_id, traceparent,"
         " started_by, started_how) VALUES ($1, $2, 1, $3, $4::jsonb, $5, $6, 'tests', 'api')",

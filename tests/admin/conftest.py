@@ -6,6 +6,7 @@ both are removed at the end. The app runs in-process with its lifespan, through 
 
 from __future__ import annotations
 
+import asyncio
 import importlib.resources
 import secrets
 from collections.abc import AsyncIterator
@@ -14,19 +15,23 @@ import aio_pika
 import asyncpg
 import httpx
 import pytest
-from admin_support import AUTH, HEARTBEAT_S, TOKEN
-from aio_pika.abc import AbstractChannel, AbstractQueue
+from admin_support import AUTH, HEARTBEAT_S, TOKEN, Broadcasts
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from fastapi import FastAPI
 
+from paceline_admin import cancelling
 from paceline_admin.app import create_app
 from paceline_admin.settings import AdminSettings
+from paceline_contracts.messages import CANCELLATION, InstanceCancelled
 from paceline_contracts.queues import (
     Queue,
+    Stream,
     control_exchange_name,
     dead_letter_exchange_name,
     dead_queue_name,
     exchange_name,
     queue_name,
+    stream_name,
 )
 from paceline_contracts.states import ServerKind
 from paceline_infra import db
@@ -83,6 +88,8 @@ async def broker(namespace: str) -> AsyncIterator[AbstractChannel]:
         for queue in Queue:
             for name in (queue_name(namespace, queue), dead_queue_name(namespace, queue)):
                 await channel.queue_delete(name)
+        for stream in Stream:
+            await channel.queue_delete(stream_name(namespace, stream))
         for name in (
             exchange_name(namespace),
             dead_letter_exchange_name(namespace),
@@ -145,3 +152,47 @@ async def heartbeats(broker: AbstractChannel, app: FastAPI, namespace: str) -> A
 async def no_servers(pool: asyncpg.Pool) -> None:
     """An empty server registry (the tests insert the rows the scheduler would write)."""
     await pool.execute("DELETE FROM servers")
+
+
+@pytest.fixture(autouse=True)
+def quick_cancel_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No scheduler runs here to record a cancel: the answer waits for it briefly, not 3 s
+    (a test of the wait sets its own)."""
+    monkeypatch.setattr(cancelling, "RECORD_WAIT_S", 0.2)
+
+
+@pytest.fixture
+def broadcasts(app: FastAPI, namespace: str) -> Broadcasts:
+    """Every cancellation broadcast of an instance on the cancellations stream, read from its
+    start as a worker that starts late does (the stream keeps every test's broadcasts)."""
+
+    async def read(instance_id: str) -> list[tuple[InstanceCancelled, AbstractIncomingMessage]]:
+        connection = await aio_pika.connect(AMQP_URL)
+        try:
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=1000)  # a stream consumer needs a prefetch
+            stream = await channel.declare_queue(
+                stream_name(namespace, Stream.CANCELLATIONS), passive=True
+            )
+            seen: list[AbstractIncomingMessage] = []
+
+            async def on_message(message: AbstractIncomingMessage) -> None:
+                seen.append(message)
+                await message.ack()
+
+            tag = await stream.consume(on_message, arguments={"x-stream-offset": "first"})
+            loop = asyncio.get_running_loop()
+            deadline, count, quiet_since = loop.time() + 5.0, -1, loop.time()
+            while loop.time() < deadline:  # until nothing more arrives for a while
+                await asyncio.sleep(0.05)
+                if len(seen) != count:
+                    count, quiet_since = len(seen), loop.time()
+                elif loop.time() - quiet_since > 0.3:
+                    break
+            await stream.cancel(tag)
+        finally:
+            await connection.close()
+        parsed = [(CANCELLATION.validate_json(m.body), m) for m in seen]
+        return [(c, m) for c, m in parsed if str(c.instance_id) == instance_id]
+
+    return read

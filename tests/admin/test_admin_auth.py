@@ -9,7 +9,7 @@ import pytest
 from admin_support import TOKEN, assert_problem
 from fastapi import FastAPI
 
-SOME_ID = uuid.uuid4()
+SOME_ID = uuid.UUID("24d306c7-ae0c-49c3-ab61-235e0c4901ef")  # fixed: test ids must not vary
 V1_ROUTES = [
     ("POST", "/v1/definitions"),
     ("GET", "/v1/definitions"),
@@ -59,7 +59,12 @@ def test_the_route_table_covers_every_v1_route(app: FastAPI) -> None:
 
 
 @pytest.mark.parametrize(("method", "path"), V1_ROUTES)
-@pytest.mark.parametrize("authorization", WRONG_CREDENTIALS)
+# Fixed ids: the token is random per process, and parallel workers must collect the same tests.
+@pytest.mark.parametrize(
+    "authorization",
+    WRONG_CREDENTIALS,
+    ids=["none", "wrong", "basic", "longer", "bare", "not-ascii"],
+)
 async def test_v1_routes_refuse_a_missing_or_wrong_token(
     anon: httpx.AsyncClient, method: str, path: str, authorization: str | bytes | None
 ) -> None:

@@ -50,11 +50,26 @@ async def test_without_the_broker_starts_wait_in_the_outbox_and_commands_are_503
             problem = assert_problem(cancel, 503)
             assert "broker" in problem["detail"]
             assert cancel.headers["Retry-After"] == "2"
+            # Nothing recorded: asked again once the broker is back, it is a first cancel.
+            assert (
+                await pool.fetchval(
+                    "SELECT count(*) FROM cancel_requests WHERE instance_id = $1", instance_id
+                )
+                == 0
+            )
             flagged_id, _ = await insert_instance(pool, name, {"first": flagged(datetime.now(UTC))})
             resolve = await own.post(
                 f"/v1/instances/{flagged_id}/activities/first/resolve", json={"action": "retry"}
             )
             assert "resolve" in assert_problem(resolve, 503)["detail"]
+            assert (
+                await pool.fetchval(
+                    "SELECT count(*) FROM resolve_requests WHERE instance_id = $1",
+                    uuid.UUID(flagged_id),
+                )
+                == 0
+            )
+            assert await pool.fetchval("SELECT count(*) FROM outbox") == 0  # nothing staged
             server = await insert_server(pool)
             drain = assert_problem(await own.post(f"/v1/servers/{server}/drain"), 503)
             assert "drain" in drain["detail"]

@@ -82,6 +82,15 @@ async def test_the_instance_shows_the_flag(client: httpx.AsyncClient, pool: asyn
         "server": "worker-7",
         "held_since": flag["held_since"],
         "flagged_at": flag["flagged_at"],
+        "holder": {
+            "server_id": "worker-7",
+            "status": None,  # not in the registry
+            "last_heartbeat": None,
+            "alive_since_flag": False,
+            "lists_attempt_in_flight": False,
+            "may_still_finish": False,
+            "note": flag["holder"]["note"],
+        },
     }
     assert datetime.fromisoformat(flag["flagged_at"]) == at(0)
     assert datetime.fromisoformat(flag["held_since"]) == at(-30)

@@ -47,7 +47,13 @@ async def test_one_instance_shows_its_activities_in_definition_order(
             "b": {
                 "type": "sleep", "status": "INTERRUPTED", "attempt": 2, "restartable": False,
                 "server_id": "worker-2", "error": {"kind": "lost", "message": "server died"},
-                "reason": "worker-2 was lost during attempt 2",
+                "reason": "worker-2 was lost during attempt 2", "isolated": True,
+                "crashes": [
+                    {"attempt": 1, "server_id": "worker-1", "since": "2030-01-02T03:04:05Z",
+                     "detected_at": "2030-01-02T03:04:09Z", "alone": False},
+                    {"attempt": 2, "server_id": None, "detected_at": "2030-01-02T03:05:00Z",
+                     "alone": True},
+                ],
             },
         },
     }  # fmt: skip
@@ -69,10 +75,19 @@ async def test_one_instance_shows_its_activities_in_definition_order(
     assert second == {
         "step": "b", "type": "sleep", "status": "INTERRUPTED", "restartable": False,
         "attempts": 2, "server": "worker-2", "started_at": None, "finished_at": None,
-        "output": None, "error": {"kind": "lost", "message": "server died"},
+        "output": None,
+        "error": {"kind": "lost", "message": "server died", "outcome_unknown": False},
         "reason": "worker-2 was lost during attempt 2",
-        "claimed_by": None, "interruptions": 0, "flag": None,
+        "claimed_by": None, "interruptions": 0, "flag": None, "isolated": True,
+        "crashes": [
+            {"attempt": 1, "server_id": "worker-1", "since": "2030-01-02T03:04:05Z",
+             "detected_at": "2030-01-02T03:04:09Z", "alone": False},
+            {"attempt": 2, "server_id": None, "since": None,
+             "detected_at": "2030-01-02T03:05:00Z", "alone": True},
+        ],
     }  # fmt: skip
+    assert (first["isolated"], first["crashes"]) == (False, [])
+    assert detail["cancel"] is None
     assert third["status"] == "SCHEDULED"
 
 
@@ -141,10 +156,21 @@ async def test_cancel_sends_the_command_unless_the_instance_has_ended(
 
     response = await client.post(f"/v1/instances/{running}/cancel")
     assert response.status_code == 202, response.text
-    assert response.json() == {"id": running, "status": "RUNNING", "cancel_requested": True}
+    answer = response.json()
+    assert answer == {
+        "id": running,
+        "status": "RUNNING",
+        "cancel": {
+            "by": "admin-token",
+            "reason": "cancelled by an operator",
+            "requested_at": answer["cancel"]["requested_at"],
+        },
+        "cancel_requested": True,
+    }
     [message] = await drain(commands)
     command = body_of(message)
     assert (command["type"], command["instance_id"]) == ("instance.cancel", running)
+    assert command["by"] == "admin-token"
     assert str(message.headers["traceparent"]).startswith("00-")
     assert uuid.UUID(message.message_id)
 

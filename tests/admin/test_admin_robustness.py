@@ -42,6 +42,7 @@ GARBAGE: list[tuple[bytes, dict[str, str]]] = [
         "/v1/definitions",
         "/v1/instances",
         "/v1/instances/00000000-0000-4000-8000-000000000000/activities/a/resolve",
+        "/v1/instances/00000000-0000-4000-8000-000000000000/cancel",
     ],
 )
 async def test_garbage_bodies_get_a_4xx_problem(

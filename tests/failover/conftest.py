@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
+import shutil
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from effect_sink import Sink
-from stack_env import StackEnv, drop_everything, queue_depths
+from private_services import PrivatePostgres, PrivateRabbitMQ
+from stack_env import AMQP_URL, DATABASE_URL, StackEnv, drop_everything, queue_depths
 
 from integration.conftest import wait_ready
 from integration.harness import wait_for
@@ -40,15 +46,51 @@ async def effects() -> AsyncIterator[Sink]:
     server.stop()
 
 
+class HoldFirstSink(Sink):
+    """An effect sink that honours `?hold=` only for the first POST to each path: later POSTs
+    (an operator's retry of a flagged request, say) are answered at once."""
+
+    def _handler(self) -> Any:
+        base = super()._handler()
+        sink = self
+
+        class Handler(base):  # type: ignore[misc, valid-type]
+            def _answer(self, method: str) -> None:
+                path = urlsplit(self.path).path
+                if method == "POST" and sink.count(path) > 0:
+                    self.path = path  # held once already: no hold this time
+                super()._answer(method)
+
+        return Handler
+
+
+@pytest.fixture
+async def first_held_effects() -> AsyncIterator[Sink]:
+    """Like `effects`, but only the first POST to a path is held (`HoldFirstSink`)."""
+    server = HoldFirstSink()
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 async def make_stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
-    """`await make_stack(workers=[{env}, ...])` -> (stack, api client)."""
+    """`await make_stack(workers=[{env}, ...])` -> (stack, api client); on a private broker
+    and/or database server (deploy/private_services.py) when given, else the machine's."""
     made: list[tuple[StackEnv, Stack, httpx.AsyncClient]] = []
 
     async def make(
         workers: list[dict[str, str]] | None = None,
+        *,
+        broker: PrivateRabbitMQ | None = None,
+        database: PrivatePostgres | None = None,
     ) -> tuple[Stack, httpx.AsyncClient]:
-        env = StackEnv.fresh("pltest")
+        env = StackEnv.fresh(
+            "pltest",
+            amqp_url=broker.url if broker else AMQP_URL,
+            rabbitmq_node=broker.node if broker else None,
+            server_url=database.url if database else DATABASE_URL,
+        )
         stack = Stack(env={**env.variables(), **FAST_LIVENESS}, log_dir=tmp_path / env.namespace)
         stack.migrate()
         stack.add("scheduler")
@@ -94,6 +136,15 @@ def post_flow(name: str, effects: Sink, hold: float, *, then_noop: bool = True) 
     return {"name": name, "inputs": {"key": {"type": "string"}}, "steps": [push, after]}
 
 
+def post_command(url: str) -> str:
+    """A shell command that POSTs (an empty body) to `url`: curl, or this Python when the
+    machine has no curl."""
+    if shutil.which("curl"):
+        return f"curl -s -o /dev/null -X POST {shlex.quote(url)}"
+    code = f"import urllib.request as u; u.urlopen(u.Request({url!r}, data=b'', method='POST'))"
+    return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"
+
+
 async def activity(api: httpx.AsyncClient, instance_id: str, step: str) -> dict:
     body = (await api.get(f"/v1/instances/{instance_id}")).json()
     return next((a for a in body["activities"] if a["step"] == step), {})
@@ -119,6 +170,26 @@ async def wait_status(
         return body if body["status"] == status else None
 
     return await wait_for(reached, timeout, f"instance {instance_id} to be {status}")
+
+
+async def wait_settled(
+    api: httpx.AsyncClient, instance_id: str, status: str, timeout: float = 60
+) -> dict:
+    """Wait until the instance is `status`, has ended, or is FLAGGED (waiting for an operator),
+    and assert it is `status`: a test waiting for FLAGGED fails at once, naming what happened,
+    when the instance FAILED instead (and the other way round). Not for a flag expected to
+    resolve itself."""
+    settled_statuses = {status, "COMPLETED", "FAILED", "CANCELLED", "FLAGGED"}
+
+    async def settled() -> dict | None:
+        body = (await api.get(f"/v1/instances/{instance_id}")).json()
+        return body if body["status"] in settled_statuses else None
+
+    body = await wait_for(settled, timeout, f"instance {instance_id} to be {status}")
+    assert body["status"] == status, (
+        f"instance {instance_id} is {body['status']}, not {status}: {body['activities']}"
+    )
+    return dict(body)
 
 
 async def history(api: httpx.AsyncClient, instance_id: str) -> list[dict]:

@@ -1,13 +1,14 @@
-"""A message that takes its worker down on every delivery is quarantined, not looped."""
+"""A message that takes its worker down is charged to its cause: suspects run alone, in an
+isolated runner, before anything is charged; the poison is quarantined, its neighbours complete
+(DESIGN.md, "Crashes are charged to their cause")."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 
-import aio_pika
 import pytest
-from stack_env import AMQP_URL
+from stack_env import queue_depths
 
 from failover.conftest import (
     StackFactory,
@@ -17,67 +18,72 @@ from failover.conftest import (
     revive_until,
     wait_status,
 )
+from integration.harness import wait_final
 from paceline_contracts.queues import Queue, dead_queue_name
 
 pytestmark = pytest.mark.integration
 
+# Kills the process that runs it: its parent (a worker, or an isolated runner).
+POISON = {
+    "id": "boom",
+    "type": "shell.command",
+    "restartable": True,
+    "with": {"argv": ["sh", "-c", "kill -9 $PPID; sleep 5"]},
+}
 
-async def test_poison_activity_is_quarantined_after_the_crash_budget(
+
+async def test_poison_is_quarantined_and_its_neighbours_complete(
     make_stack: StackFactory,
 ) -> None:
-    stack, api = await make_stack()
+    # One worker, restarted when it dies (as `make run` does): every healthy activity shares
+    # each crash with the poison.
+    stack, api = await make_stack(workers=[{}])
     reviving = asyncio.Event()
     supervisor = asyncio.create_task(revive_until(stack, reviving))
     try:
+        healthy_flow = {
+            "name": f"fine-{uuid.uuid4().hex[:6]}",
+            "steps": [{"id": "nap", "type": "sleep", "with": {"seconds": 3}}],
+        }
+        assert (await api.post("/v1/definitions", json=healthy_flow)).status_code == 201
+        healthy = []
+        for _ in range(5):
+            r = await api.post("/v1/instances", json={"definition": healthy_flow["name"]})
+            assert r.status_code == 202, r.text
+            healthy.append(r.json()["id"])
+        await asyncio.sleep(0.5)  # the sleeps are running when the poison takes the worker
         poison = await define_and_start(
-            api,
-            {
-                "name": f"poison-{uuid.uuid4().hex[:6]}",
-                "steps": [
-                    # Kills the worker that runs it: its parent process.
-                    {
-                        "id": "boom",
-                        "type": "shell.command",
-                        "restartable": True,
-                        "with": {"argv": ["sh", "-c", "kill -9 $PPID; sleep 5"]},
-                    },
-                ],
-            },
+            api, {"name": f"poison-{uuid.uuid4().hex[:6]}", "steps": [POISON]}
         )
-        flagged = await wait_status(api, poison, "FLAGGED", timeout=90)
-        healthy = await define_and_start(
-            api,
-            {
-                "name": f"fine-{uuid.uuid4().hex[:6]}",
-                "steps": [{"id": "ok", "type": "noop", "with": {"fine": True}}],
-            },
-        )
-        await wait_status(api, healthy, "COMPLETED")
+        flagged = await wait_status(api, poison, "FLAGGED", timeout=120)
+        done = await wait_final(api, healthy, timeout=120)
     finally:
         reviving.set()
         await supervisor
 
+    assert {b["status"] for b in done.values()} == {"COMPLETED"}, done
+    for body in done.values():
+        (nap,) = body["activities"]
+        assert nap["flag"] is None and nap["status"] == "COMPLETED"
+
     boom = next(a for a in flagged["activities"] if a["step"] == "boom")
     assert boom["status"] == "INTERRUPTED"
     assert boom["flag"]["kind"] == "crash_budget"
-    assert "crash budget exhausted" in boom["flag"]["reason"]
-    # Three deliveries crashed a worker each; the fourth was quarantined.
-    assert sum(s.restarts for s in stack.of_kind("activity-worker")) == 3
-    events = await history(api, poison)
-    kinds = [h["kind"] for h in events]
-    assert kinds.count("restarted") == 2, [(h["kind"], h["reason"]) for h in events]
-    assert kinds.count("flagged") == 1, events
+    reason = boom["flag"]["reason"]
+    assert "crash budget exhausted" in reason
+    # The reason names the crashes: each attempt, where, alone or not.
+    assert reason.count("alone, in an isolated runner") == 3, reason
+    assert "among others" in reason, reason
+    # Two worker deaths made it a suspect; then its isolated runner died three times, charged.
+    assert sum(s.restarts for s in stack.of_kind("activity-worker")) == 2
+    kinds = [h["kind"] for h in await history(api, poison)]
+    assert kinds.count("isolated") == 1, kinds
+    assert kinds.count("activity_interrupted") == 3, kinds
+    assert kinds.count("flagged") == 1, kinds
 
-    connection = await aio_pika.connect(AMQP_URL)
-    try:
-        channel = await connection.channel()
-        dead = await channel.declare_queue(
-            dead_queue_name(stack.env["PACELINE_NAMESPACE"], Queue.ACTIVITIES), passive=True
-        )
-        message = await dead.get(timeout=5)
-        await message.ack()
-        assert "crash budget exhausted" in str(message.headers["x-paceline-reason"])
-        assert str(poison) in message.body.decode()
-    finally:
-        await connection.close()
+    # Nothing was dead-lettered behind the engine's back.
+    namespace = stack.env["PACELINE_NAMESPACE"]
+    depths = await queue_depths(namespace)
+    for q in (Queue.ACTIVITIES, Queue.SUSPECTS):
+        assert depths.get(dead_queue_name(namespace, q), 0) == 0, depths
     await assert_work_queues_empty(stack)

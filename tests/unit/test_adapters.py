@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import pickle
+import shutil
 import socket
+import ssl
+import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from paceline_worker.adapters import HTTP_BODY_CAP, ActivityFailure, run_activity
+from paceline_worker.adapters import HTTP_BODY_CAP, ActivityFailure, OutcomeUnknown, run_activity
 
 # --- a real HTTP server -----------------------------------------------------------------------
 
@@ -70,6 +76,7 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
                 "/big": (200, "text/plain", BIG_BODY),
                 "/missing": (404, "application/problem+json", b'{"title": "not here"}'),
                 "/slow": (200, "text/plain", b"late"),
+                "/error": (500, "text/plain", b"it broke"),
             }
             status, content_type, payload = routes.get(self.path, (404, "text/plain", b""))
             self.send_response(status)
@@ -132,6 +139,99 @@ async def failure(
     with pytest.raises(ActivityFailure) as caught:
         await run_activity(activity_type, params, http=http)
     return caught.value
+
+
+# --- raw TCP servers, for endings a well-behaved HTTP server never produces --------------------
+
+Handle = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def raw_server(
+    handle: Handle, ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[int]:
+    """A server on 127.0.0.1 running `handle` for each connection; yields its port. What still
+    runs of its connections is stopped on the way out."""
+    running: set[asyncio.Task[Any]] = set()
+
+    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        running.add(task)
+        try:
+            await handle(reader, writer)
+        except asyncio.CancelledError:
+            pass  # stopped below: asyncio would log a connection task ending cancelled
+        finally:
+            writer.close()
+
+    tcp = await asyncio.start_server(connection, "127.0.0.1", 0, ssl=ssl_context)
+    try:
+        yield int(tcp.sockets[0].getsockname()[1])
+    finally:
+        tcp.close()
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+
+async def read_head(reader: asyncio.StreamReader) -> bytes:
+    return await reader.readuntil(b"\r\n\r\n")
+
+
+async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError):
+        await reader.read()  # takes the request, says nothing, until the client gives up
+
+
+async def close_after_the_request(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    await read_head(reader)
+
+
+async def cut_the_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_head(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+    await writer.drain()
+
+
+async def refuse_the_tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_head(reader)
+    writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+    await writer.drain()
+
+
+async def tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A proxy's CONNECT, to 127.0.0.1 whatever the host."""
+    head = await read_head(reader)
+    port = int(head.split(b" ", 2)[1].rsplit(b":", 1)[1])
+    upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    await writer.drain()
+
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        dst.close()
+
+    await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+
+@pytest.fixture(scope="module")
+def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    where = tmp_path_factory.mktemp("tls")
+    cert, key = where / "cert.pem", where / "key.pem"
+    command = "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+    command += " -days 1 -subj /CN=localhost -addext subjectAltName=DNS:localhost"
+    subprocess.run(
+        [*command.split(), "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True
+    )
+    return cert, key
 
 
 # --- http.request -----------------------------------------------------------------------------
@@ -234,7 +334,72 @@ async def test_connection_refused(closed_port: int, http: httpx.AsyncClient) -> 
     err = await failure("http.request", {"url": f"http://127.0.0.1:{closed_port}/x"}, http)
     assert err.kind == "http_transport"
     assert "ConnectError" in err.message
+    assert "not sent" in err.message
     assert f"127.0.0.1:{closed_port}/x" in err.message
+    assert err.outcome_unknown is False
+    assert err.to_error().outcome_unknown is False
+
+
+async def test_unresolvable_host_is_not_sent(http: httpx.AsyncClient) -> None:
+    err = await failure(
+        "http.request",
+        {"method": "POST", "url": "http://paceline-no-such-host.invalid/x", "timeout": 20},
+        http,
+    )
+    assert err.kind == "http_transport"
+    assert "not sent" in err.message
+    assert err.outcome_unknown is False
+
+
+async def test_sent_and_no_answer_within_the_timeout_is_outcome_unknown(
+    http: httpx.AsyncClient,
+) -> None:
+    async with raw_server(never_answer) as port:
+        err = await failure(
+            "http.request",
+            {"method": "POST", "url": f"http://127.0.0.1:{port}/x", "timeout": 0.3},
+            http,
+        )
+    assert isinstance(err, OutcomeUnknown)
+    assert err.kind == "http_timeout"
+    assert err.outcome_unknown is True
+    assert err.to_error().outcome_unknown is True
+    assert "sent, no response within 0.3s" in err.message
+    assert "outcome unknown" in err.message
+
+
+async def test_closed_after_the_request_without_answer_is_outcome_unknown(
+    http: httpx.AsyncClient,
+) -> None:
+    async with raw_server(close_after_the_request) as port:
+        err = await failure(
+            "http.request", {"method": "POST", "url": f"http://127.0.0.1:{port}/x"}, http
+        )
+    assert err.kind == "http_transport"
+    assert err.outcome_unknown is True
+    assert "sent, no complete response" in err.message
+    assert "RemoteProtocolError" in err.message
+
+
+async def test_body_cut_after_the_status_is_a_known_outcome(http: httpx.AsyncClient) -> None:
+    async with raw_server(cut_the_body) as port:
+        err = await failure(
+            "http.request", {"method": "POST", "url": f"http://127.0.0.1:{port}/x"}, http
+        )
+    assert err.kind == "http_transport"
+    assert err.outcome_unknown is False
+    assert "status 200 received" in err.message
+
+
+async def test_error_status_is_a_known_outcome(server: Server, http: httpx.AsyncClient) -> None:
+    err = await failure(
+        "http.request",
+        {"method": "POST", "url": f"{server.base}/error", "expected_status": 200},
+        http,
+    )
+    assert err.kind == "http_status"
+    assert "got 500" in err.message
+    assert err.outcome_unknown is False
 
 
 async def test_request_timeout(server: Server, http: httpx.AsyncClient) -> None:
@@ -242,6 +407,7 @@ async def test_request_timeout(server: Server, http: httpx.AsyncClient) -> None:
     err = await failure("http.request", {"url": f"{server.base}/slow", "timeout": 0.2}, http)
     assert err.kind == "http_timeout"
     assert "Timeout" in err.message
+    assert err.outcome_unknown is True  # the server read the request
     assert time.monotonic() - started < 2
 
 
@@ -252,6 +418,9 @@ async def test_request_timeout_bounds_the_whole_exchange(
     err = await failure("http.request", {"url": f"{server.base}/trickle", "timeout": 0.3}, http)
     assert err.kind == "http_timeout"
     assert time.monotonic() - started < 2
+    # The status came: the server answered, whatever the body would have said.
+    assert err.outcome_unknown is False
+    assert "status 200 received" in err.message
 
 
 async def test_errors_hide_userinfo_and_header_values(
@@ -288,6 +457,65 @@ async def test_invalid_header_value_is_not_quoted(server: Server, http: httpx.As
     )
     assert err.kind == "http_transport"
     assert "ret-value" not in err.message
+    # h11 refuses the head before writing any of it.
+    assert err.outcome_unknown is False
+    assert "not sent" in err.message
+
+
+async def test_unknown_outcome_hides_userinfo_and_header_values(http: httpx.AsyncClient) -> None:
+    async with raw_server(never_answer) as port:
+        err = await failure(
+            "http.request",
+            {
+                "method": "POST",
+                "url": f"http://alice:s3cr3t-pw@127.0.0.1:{port}/x",
+                "headers": {"Authorization": "Bearer tok-abcdef"},
+                "timeout": 0.2,
+            },
+            http,
+        )
+    assert err.outcome_unknown is True
+    for secret in ("alice", "s3cr3t-pw", "tok-abcdef"):
+        assert secret not in err.message
+
+
+async def test_a_proxy_refusing_the_tunnel_is_not_sent(tls_cert: tuple[Path, Path]) -> None:
+    async with (
+        raw_server(refuse_the_tunnel) as proxy_port,
+        httpx.AsyncClient(proxy=f"http://127.0.0.1:{proxy_port}", trust_env=False) as client,
+    ):
+        err = await failure(
+            "http.request", {"method": "POST", "url": "https://localhost:9/x"}, client
+        )
+    assert err.kind == "http_transport"
+    assert "ProxyError" in err.message
+    assert "not sent" in err.message  # the proxy's answer is not the server's
+    assert err.outcome_unknown is False
+
+
+async def test_no_answer_through_a_proxy_tunnel_is_outcome_unknown(
+    tls_cert: tuple[Path, Path],
+) -> None:
+    # The tunnel's CONNECT is answered; the request sent through it is not.
+    cert, key = tls_cert
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    client_tls = ssl.create_default_context(cafile=str(cert))
+    async with (
+        raw_server(never_answer, server_tls) as port,
+        raw_server(tunnel) as proxy_port,
+        httpx.AsyncClient(
+            proxy=f"http://127.0.0.1:{proxy_port}", verify=client_tls, trust_env=False
+        ) as client,
+    ):
+        err = await failure(
+            "http.request",
+            {"method": "POST", "url": f"https://localhost:{port}/x", "timeout": 1},
+            client,
+        )
+    assert err.kind == "http_timeout"
+    assert err.outcome_unknown is True
+    assert "sent, no response" in err.message
 
 
 # --- shell.command ----------------------------------------------------------------------------
@@ -343,10 +571,22 @@ async def test_unexpected_exit_code_names_it_with_stderr_tail(http: httpx.AsyncC
     assert err.message.count("HEAD") < 60  # only the tail of the 400 characters
 
 
+async def test_exit_code_is_a_known_outcome(http: httpx.AsyncClient) -> None:
+    err = await failure("shell.command", {"argv": ["sh", "-c", "exit 3"]}, http)
+    assert err.kind == "exit_code"
+    assert "exited with code 3" in err.message
+    assert err.outcome_unknown is False
+    assert err.to_error().outcome_unknown is False
+
+
 async def test_killed_by_a_signal(http: httpx.AsyncClient) -> None:
     err = await failure("shell.command", {"argv": ["sh", "-c", "kill -TERM $$"]}, http)
     assert err.kind == "exit_code"
-    assert "SIGTERM" in err.message
+    assert "killed by SIGTERM" in err.message
+    # Killed from outside at an unknown point of its work.
+    assert isinstance(err, OutcomeUnknown)
+    assert err.outcome_unknown is True
+    assert err.to_error().outcome_unknown is True
     out = await run_activity(
         "shell.command",
         {"argv": ["sh", "-c", "kill -TERM $$"], "expected_exit_codes": [-15]},
@@ -387,9 +627,97 @@ async def test_timeout_kills_the_child(tmp_path: Path, http: httpx.AsyncClient) 
         http,
     )
     assert err.kind == "timeout"
+    assert err.outcome_unknown is True
     assert time.monotonic() - started < 3
     [pid] = [int(p) for p in pidfile.read_text().split()]
     assert await gone(pid)
+
+
+async def test_timeout_stops_the_process_group(tmp_path: Path, http: httpx.AsyncClient) -> None:
+    pidfile = tmp_path / "pids"
+    # The background sleep is a grandchild: only signalling the group reaches it.
+    script = f"sleep 30 & echo $$ $! > {pidfile}; wait"
+    err = await failure("shell.command", {"argv": ["sh", "-c", script], "timeout": 0.5}, http)
+    assert err.kind == "timeout"
+    assert err.outcome_unknown is True
+    assert "stopped by SIGTERM" in err.message
+    assert "outcome unknown" in err.message
+    shell_pid, sleep_pid = [int(p) for p in pidfile.read_text().split()]
+    assert await gone(shell_pid)
+    assert await gone(sleep_pid)
+
+
+def trapping_script(pidfile: Path, marker: Path) -> list[str]:
+    """A shell that cleans up on SIGTERM (its background sleep dies of it)."""
+    trap = f"echo cleaned up > {marker}; exit 0"
+    return ["sh", "-c", f"trap '{trap}' TERM; sleep 30 & echo $$ $! > {pidfile}; wait"]
+
+
+def ignoring_script(pidfile: Path) -> list[str]:
+    """A shell that ignores SIGTERM, and so does the sleep it runs."""
+    return ["sh", "-c", f"trap '' TERM; sleep 30 & echo $$ $! > {pidfile}; wait"]
+
+
+async def test_timeout_gives_the_group_its_grace(tmp_path: Path, http: httpx.AsyncClient) -> None:
+    pidfile, marker = tmp_path / "pids", tmp_path / "marker"
+    started = time.monotonic()
+    err = await failure(
+        "shell.command",
+        {"argv": trapping_script(pidfile, marker), "timeout": 1, "kill_grace": 30},
+        http,
+    )
+    assert err.kind == "timeout"
+    assert err.outcome_unknown is True
+    assert marker.read_text() == "cleaned up\n"
+    assert "stopped by SIGTERM" in err.message
+    # Done when the group ended, not at the end of the grace.
+    assert time.monotonic() - started < 15
+    for pid in [int(p) for p in pidfile.read_text().split()]:
+        assert await gone(pid)
+
+
+async def test_the_grace_lasts_until_the_whole_group_ends(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    # The program dies of SIGTERM at once; what it started (not holding the output pipes, which
+    # would be waited for anyway) cleans up for a while, an orphan by then, and may stay a
+    # zombie once done: a container's init may be slow to reap, or never do it.
+    pidfile, marker, inner = tmp_path / "pids", tmp_path / "marker", tmp_path / "inner.sh"
+    inner.write_text(
+        f"trap 'sleep 0.5; echo cleaned up > {marker}; exit 0' TERM\nsleep 30 & wait\n"
+    )
+    script = f"sh {inner} >/dev/null 2>&1 & echo $$ $! > {pidfile}; wait"
+    started = time.monotonic()
+    err = await failure(
+        "shell.command", {"argv": ["sh", "-c", script], "timeout": 1, "kill_grace": 30}, http
+    )
+    assert err.kind == "timeout"
+    assert "stopped by SIGTERM" in err.message
+    assert marker.read_text() == "cleaned up\n"
+    assert time.monotonic() - started < 15  # not the whole grace
+    for pid in [int(p) for p in pidfile.read_text().split()]:
+        assert await gone(pid)
+
+
+async def test_timeout_kills_what_ignores_sigterm_after_the_grace(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    pidfile = tmp_path / "pids"
+    started = time.monotonic()
+    err = await failure(
+        "shell.command",
+        {"argv": ignoring_script(pidfile), "timeout": 0.3, "kill_grace": 1},
+        http,
+    )
+    elapsed = time.monotonic() - started
+    assert err.kind == "timeout"
+    assert err.outcome_unknown is True
+    assert "SIGKILL after 1s" in err.message
+    assert elapsed >= 1.25  # the timeout, then the whole grace
+    assert elapsed < 10
+    shell_pid, sleep_pid = [int(p) for p in pidfile.read_text().split()]
+    assert await gone(shell_pid)
+    assert await gone(sleep_pid)
 
 
 async def test_cancellation_kills_the_process_group(
@@ -410,16 +738,80 @@ async def test_cancellation_kills_the_process_group(
     assert await gone(sleep_pid)
 
 
+async def test_cancellation_gives_the_group_its_grace(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    pidfile, marker = tmp_path / "pids", tmp_path / "marker"
+    task = asyncio.create_task(
+        run_activity(
+            "shell.command", {"argv": trapping_script(pidfile, marker), "kill_grace": 30}, http=http
+        )
+    )
+    shell_pid, sleep_pid = await read_pids(pidfile)
+    started = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.monotonic() - started < 15
+    assert marker.read_text() == "cleaned up\n"
+    assert await gone(shell_pid)
+    assert await gone(sleep_pid)
+
+
+async def test_cancellation_kills_what_ignores_sigterm_after_the_grace(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    pidfile = tmp_path / "pids"
+    task = asyncio.create_task(
+        run_activity(
+            "shell.command", {"argv": ignoring_script(pidfile), "kill_grace": 0.5}, http=http
+        )
+    )
+    shell_pid, sleep_pid = await read_pids(pidfile)
+    started = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.monotonic() - started >= 0.45
+    # Gone when the cancellation comes through, not some time later.
+    assert not alive(shell_pid)
+    assert await gone(sleep_pid)
+
+
+async def test_a_second_cancellation_cuts_the_grace_not_the_kill(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    pidfile = tmp_path / "pids"
+    task = asyncio.create_task(
+        run_activity(
+            "shell.command", {"argv": ignoring_script(pidfile), "kill_grace": 60}, http=http
+        )
+    )
+    shell_pid, sleep_pid = await read_pids(pidfile)
+    started = time.monotonic()
+    task.cancel()
+    await asyncio.sleep(0.2)
+    assert alive(shell_pid)  # in its grace
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.monotonic() - started < 10
+    assert await gone(shell_pid)
+    assert await gone(sleep_pid)
+
+
 async def test_missing_program(http: httpx.AsyncClient) -> None:
     err = await failure("shell.command", {"argv": ["/nonexistent/paceline-no-such-program"]}, http)
     assert err.kind == "exec"
     assert "paceline-no-such-program" in err.message
+    assert err.outcome_unknown is False  # it never started
 
 
 async def test_missing_cwd(tmp_path: Path, http: httpx.AsyncClient) -> None:
     err = await failure("shell.command", {"argv": ["true"], "cwd": str(tmp_path / "nope")}, http)
     assert err.kind == "exec"
     assert "nope" in err.message
+    assert err.outcome_unknown is False
 
 
 async def test_env_and_cwd(
@@ -507,5 +899,32 @@ async def test_unknown_type(http: httpx.AsyncClient) -> None:
 
 def test_failure_to_error() -> None:
     error = ActivityFailure("timeout", "too slow").to_error()
-    assert (error.kind, error.message) == ("timeout", "too slow")
+    assert (error.kind, error.message, error.outcome_unknown) == ("timeout", "too slow", False)
     assert str(ActivityFailure("exec", "no such program")) == "exec: no such program"
+    assert ActivityFailure("timeout", "x", outcome_unknown=True).to_error().outcome_unknown
+    assert OutcomeUnknown("timeout", "x").to_error().outcome_unknown
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        ActivityFailure("exit_code", "exited with code 3"),
+        ActivityFailure("timeout", "too slow", outcome_unknown=True),
+        OutcomeUnknown("http_timeout", "sent, no response"),
+    ],
+)
+def test_failure_pickles_and_reprs_with_its_arguments(failure: ActivityFailure) -> None:
+    copy = pickle.loads(pickle.dumps(failure))
+    assert type(copy) is type(failure)
+    assert (copy.kind, copy.message, copy.outcome_unknown) == (
+        failure.kind,
+        failure.message,
+        failure.outcome_unknown,
+    )
+    assert eval(repr(failure)).to_error() == failure.to_error()
+
+
+async def test_bad_kill_grace(http: httpx.AsyncClient) -> None:
+    err = await failure("shell.command", {"argv": ["true"], "kill_grace": -1}, http)
+    assert err.kind == "bad_params"
+    assert "kill_grace:" in err.message

@@ -21,9 +21,10 @@ from paceline_engine.events import (
     Finish,
     HistoryKind,
     Start,
+    StopInstance,
 )
 from paceline_engine.machine import Transition, apply, new_instance
-from paceline_engine.state import InstanceState
+from paceline_engine.state import CancelRequest, InstanceState
 
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -621,11 +622,17 @@ def test_cancel_ends_a_running_instance() -> None:
     run.complete("a", "A")
     run.complete("b2")
     t = run.cancel("operator said so")
-    assert t.decisions == [Finish(InstanceStatus.CANCELLED)]
+    # b1 was dispatched (its message may sit in a worker's prefetch) but nothing runs: workers
+    # are told to drop it, and the instance ends at once.
+    assert t.decisions == [StopInstance("operator"), Finish(InstanceStatus.CANCELLED)]
     assert kinds(t) == [HistoryKind.INSTANCE_CANCELLED]
-    assert t.history[0].reason == "operator said so"
+    assert t.history[0].reason == "cancelled by operator: operator said so"
     assert run.state.status is InstanceStatus.CANCELLED
     assert run.state.finished_at == run.now
+    assert run.state.cancel == CancelRequest(
+        by="operator", reason="operator said so", requested_at=run.now
+    )
+    assert run.state.activities["b1"].reason == "cancelled by operator before it started"
     assert {s: a.status for s, a in run.state.activities.items()} == {
         "a": ActivityStatus.COMPLETED,
         "b1": ActivityStatus.CANCELLED,

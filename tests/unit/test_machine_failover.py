@@ -6,26 +6,43 @@ leaves: a flag or a restart must say which server held the attempt, since when, 
 attempt it was.
 
 The property drives random definitions (sequences, conditions, parallels of restartable and
-non-restartable activities, with or without a timeout and a retry policy) through a model of a
-broker and a few workers: each dispatched message is delivered (prefetched), claimed as a worker
-claims it, then run to a result, or its worker crashes or freezes (the broker redelivers the
-same message, naming the same attempt, to another worker; a frozen worker may report later);
+non-restartable activities, with or without a timeout and a retry policy; some restartable ones
+are poison) through a model of a broker and a few workers: each dispatched message is delivered
+(prefetched), claimed as a worker claims it, then run to a result (completed, failed with a known
+or an unknown outcome, timed out), or stopped by its worker (its drain's deadline; its isolated
+runner died, for a poison run alone; a cancel the worker heard of), or its worker crashes or
+freezes (the broker redelivers the same message, naming the same attempt, to another worker; a
+frozen worker may report later; a poison takes down the worker it runs on beside others);
 messages are published twice, timers fire on time or for stale attempts, workers quarantine a
 message delivered too often, operators resolve flags at random, and an instance may be
-cancelled. At every transition it checks:
+cancelled (the command reaching the scheduler first, or its broadcast reaching the workers
+first: they then drop what they hold and stop what runs). At every transition it checks:
 
 (a) a non-restartable attempt runs on one server at most, ever;
-(b) a non-restartable activity gets a new attempt only from an operator's retry (or after a
-    failure it reported itself: its outcome is known), never from a crash or a time-out;
+(b) a non-restartable activity gets a new attempt only from an operator's retry, after a
+    failure with a known outcome it reported itself, or as a fresh message when nobody ever
+    claimed it; never after a crash, a time-out, a drain's cut or an unknown outcome;
 (c) every INTERRUPTED activity carries a Flag with a reason naming the attempt (and the holder),
-    and the instance is FLAGGED exactly while one is;
-(d) once the workers answer what they hold and flags are resolved, the instance has ended;
+    a restartable one only for its crash budget, and the instance is FLAGGED exactly while one
+    is (never while CANCELLING);
+(d) once the workers answer what they hold, timers fire and flags are resolved, the instance
+    has ended: COMPLETED, FAILED or CANCELLED, never stuck CANCELLING;
 (e) a result of a stale attempt, or for an ended activity or instance, changes only history;
 (f) a step's attempts are dispatched and granted in order, one more each time, and new ones
-    stay within the retry policy (failures), the crash budget (crashes and time-outs) and the
-    operators' retries;
+    stay within the retry policy (failures), the crash budget (time-outs and crashes of its
+    runner while it ran alone) and the operators' retries;
 (g) `apply` never mutates the state it is given;
-and what each event must do given the state it met (claims, deadlines, decisions, cancels).
+(h) once a cancel is recorded nothing is dispatched or granted; workers are told to stop
+    (StopInstance) exactly when the cancel is recorded and something may sit with them, and a
+    recorded cancel never changes;
+(i) `interruptions` rise by one at a time, only for the activity's own time-out or a crash of
+    its isolated runner: never for a worker's death (a claim), which records a crash that is not
+    alone;
+(j) CANCELLING is left only for CANCELLED;
+(k) a crash_budget flag comes only from the activity's own runner crashes (a poison) or a
+    worker's quarantine: a healthy neighbour is never flagged for a poison's crashes;
+and what each event must do given the state it met (claims, deadlines, decisions, cancels,
+stops).
 """
 
 from __future__ import annotations
@@ -46,6 +63,7 @@ from paceline_engine.definitions import Definition, parse_definition
 from paceline_engine.events import (
     ActivityCompleted,
     ActivityFailed,
+    ActivityStopped,
     AnswerClaim,
     Cancel,
     Claim,
@@ -61,9 +79,11 @@ from paceline_engine.events import (
     Resolve,
     SetDeadline,
     Start,
+    StopCause,
+    StopInstance,
 )
 from paceline_engine.machine import Transition, apply, new_instance
-from paceline_engine.state import Flag, InstanceState
+from paceline_engine.state import MAX_CRASHES_KEPT, Crash, Flag, InstanceState
 
 Setup = Callable[["Run"], tuple[str, int]]
 """Brings a run to some situation; returns the step and attempt an event is then about."""
@@ -145,12 +165,37 @@ class Run:
         attempt: int | None = None,
         server: str = "w1",
         timed_out: bool = False,
+        *,
+        outcome_unknown: bool = False,
+        kind: str | None = None,
     ) -> Transition:
         attempt = self.attempt(step) if attempt is None else attempt
-        error = ActivityError(kind="timeout" if timed_out else "adapter", message=message)
+        kind = kind or ("timeout" if timed_out else "adapter")
+        error = ActivityError(kind=kind, message=message, outcome_unknown=outcome_unknown)
         return self.send(
             ActivityFailed(step, attempt, error, server, self.now, self.now, timed_out)
         )
+
+    def stop(
+        self,
+        step: str,
+        cause: StopCause,
+        *,
+        started: bool = True,
+        attempt: int | None = None,
+        server: str = "w1",
+        by: str | None = None,
+        message: str = "stopped",
+    ) -> Transition:
+        """The worker stopped the attempt; `started`: it had started (outcome unknown)."""
+        attempt = self.attempt(step) if attempt is None else attempt
+        error = ActivityError(kind=cause.value, message=message, outcome_unknown=started)
+        return self.send(
+            ActivityStopped(step, attempt, cause, error, server, self.now, self.now, by)
+        )
+
+    def cancel(self, reason: str = "not today", by: str = "bob") -> Transition:
+        return self.send(Cancel(reason, by))
 
     def deadline(self, step: str, attempt: int | None = None) -> Transition:
         attempt = self.attempt(step) if attempt is None else attempt
@@ -374,9 +419,19 @@ def test_a_restartable_attempt_redelivered_after_its_holder_died_runs_again() ->
     )
     restarted = entry(t, HistoryKind.RESTARTED)
     assert (restarted.step, restarted.attempt) == ("x", 2)
-    assert restarted.reason == "restartable: running again as attempt 2 on w2"
+    assert restarted.reason == (
+        "restartable: running again as attempt 2 on w2 "
+        "(a suspect of its worker's death: nothing charged)"
+    )
     x = run.state.activities["x"]
-    assert (x.status, x.attempt, x.interruptions) == (ActivityStatus.RUNNING, 2, 1)
+    # A worker's death is charged to nobody: its first crash is only on the record.
+    assert (x.status, x.attempt, x.interruptions, x.isolated) == (
+        ActivityStatus.RUNNING,
+        2,
+        0,
+        False,
+    )
+    assert x.crashes == [Crash(attempt=1, server_id="w1", since=since, detected_at=at, alone=False)]
     assert (x.claimed_by, x.claimed_at, x.server_id, x.started_at) == ("w2", at, "w2", at)
     assert x.flag is None
     assert run.instance() is InstanceStatus.RUNNING
@@ -391,7 +446,7 @@ def test_a_restartable_attempt_redelivered_after_its_holder_died_runs_again() ->
     assert run.state.activities["x"].output == "w2's"
 
 
-def test_redeliveries_and_time_outs_share_the_crash_budget() -> None:
+def test_time_outs_are_charged_to_the_crash_budget_but_a_workers_death_is_not() -> None:
     run = Run(parse(noop("x", timeout="30s")))
     run.start()
     run.claim("x", "w1", wants_reply=False)
@@ -400,39 +455,37 @@ def test_redeliveries_and_time_outs_share_the_crash_budget() -> None:
     run.fail("x", "slow", server="w2", timed_out=True)  # interruption 2: attempt 3
     assert run.state.activities["x"].interruptions == 2
     run.claim("x", "w3", wants_reply=False)
-    since = run.now
-    t = run.crash("x", "w4", deliveries=1)  # interruption 3 of 3: flagged, not run
-    assert t.decisions == [
-        AnswerClaim(False, 3, "flagged: crash budget exhausted", quarantine=True)
-    ]
-    assert kinds(t) == [HistoryKind.REDELIVERED, HistoryKind.FLAGGED]
+    t = run.crash("x", "w4", deliveries=1)  # w3 died: a suspect, charged nothing
+    assert AnswerClaim(True, 4, "restarted as attempt 4") in t.decisions
+    assert kinds(t) == [HistoryKind.REDELIVERED, HistoryKind.RESTARTED]
     x = run.state.activities["x"]
-    assert (x.status, x.attempt, x.interruptions) == (ActivityStatus.INTERRUPTED, 3, 3)
-    assert x.flag is not None
-    assert (x.flag.kind, x.flag.attempt, x.flag.server_id, x.flag.held_since) == (
-        "crash_budget",
-        3,
-        "w3",
-        since,
-    )
-    assert x.flag.reason.startswith("crash budget exhausted: interrupted 3 times; last: ")
-    assert "attempt 3 held by w3" in x.flag.reason
-    assert "redelivered to w4" in x.flag.reason
-    assert entry(t, HistoryKind.FLAGGED).reason == x.flag.reason
-    assert run.instance() is InstanceStatus.FLAGGED
+    assert (x.status, x.attempt, x.interruptions, x.flag) == (ActivityStatus.RUNNING, 4, 2, None)
+    assert [(c.attempt, c.server_id, c.alone) for c in x.crashes] == [(3, "w3", False)]
+    # The third time-out is the third interruption of 3: timed out for good.
+    t = run.deadline("x")
+    assert t.decisions == [Finish(InstanceStatus.FAILED)]
+    x = run.state.activities["x"]
+    assert (x.status, x.attempt, x.interruptions) == (ActivityStatus.TIMED_OUT, 4, 3)
+    assert x.reason == "timed out 3 times"
+    assert run.instance() is InstanceStatus.FAILED
 
 
-def test_a_crash_budget_of_one_flags_the_first_redelivery() -> None:
+def test_a_crash_budget_of_one_flags_the_first_crash_of_an_isolated_runner() -> None:
     run = Run(parse(noop("x")), Policy(crash_budget=1))
     run.start()
     run.claim("x", "w1", wants_reply=False)
-    t = run.crash("x", "w2")
-    assert t.decisions == [
-        AnswerClaim(False, 1, "flagged: crash budget exhausted", quarantine=True)
-    ]
+    t = run.crash("x", "w2")  # a worker's death: never charged, whatever the budget
+    assert t.decisions == [AnswerClaim(True, 2, "restarted as attempt 2")]
+    run.crash("x", "w3", attempt=1, deliveries=2)  # a second death: it runs alone next
+    assert (run.attempt("x"), run.state.activities["x"].isolated) == (3, True)
+    assert run.state.activities["x"].interruptions == 0
+    run.claim("x", "w4")
+    t = run.stop("x", StopCause.RUNNER_CRASHED, server="w4", message="killed by signal 9")
+    assert t.decisions == []
     flag = run.state.activities["x"].flag
     assert flag is not None
-    assert flag.kind == "crash_budget"
+    assert (flag.kind, flag.attempt, flag.server_id) == ("crash_budget", 3, "w4")
+    assert run.state.activities["x"].interruptions == 1
     assert run.instance() is InstanceStatus.FLAGGED
 
 
@@ -571,14 +624,16 @@ def test_the_instance_stays_flagged_while_another_activity_is_flagged() -> None:
 
 
 def test_a_result_of_another_attempt_of_a_flagged_activity_is_only_recorded() -> None:
-    run = Run(parse(noop("x")))
+    run = Run(parse(noop("x")), Policy(crash_budget=1))
     run.start()
     run.claim("x", "w1", wants_reply=False)
-    # The same message (attempt 1) takes three servers down.
+    # The same message (attempt 1) takes two servers down; attempt 3 then runs alone.
     run.crash("x", "w2", attempt=1, deliveries=1)  # attempt 2 on w2
-    run.crash("x", "w3", attempt=1, deliveries=2)  # attempt 3 on w3
-    run.crash("x", "w4", attempt=1, deliveries=3)  # crash budget: flagged at attempt 3
+    run.crash("x", "w3", attempt=1, deliveries=2)  # attempt 3, isolated
+    run.claim("x", "w3")
+    run.stop("x", StopCause.RUNNER_CRASHED, server="w3")  # crash budget: flagged at attempt 3
     assert run.instance() is InstanceStatus.FLAGGED
+    assert run.attempt("x") == 3
     before = run.state
     for attempt in (1, 2, 4):
         t = run.complete("x", attempt=attempt, server="w2")
@@ -620,12 +675,12 @@ def test_a_time_out_of_a_non_restartable_attempt_flags_it() -> None:
         since,
     )
     assert x.flag.reason == (
-        "attempt 1 on w1 timed out: ran longer than its timeout; "
+        "attempt 1 on w1 timed out: timeout: ran longer than its timeout; "
         "it may have had its effect, and it is not restartable"
     )
     assert t.history[0].reason == x.flag.reason
     assert x.error == ActivityError(kind="timeout", message="ran longer than its timeout")
-    assert x.interruptions == 0
+    assert (x.interruptions, x.failures) == (0, 0)
     assert run.instance() is InstanceStatus.FLAGGED
 
 
@@ -715,6 +770,8 @@ def _interrupted(run: Run) -> tuple[str, int]:
 def _cancelled(run: Run) -> tuple[str, int]:
     run.claim("x", "w1", wants_reply=False)
     run.send(Cancel("stop"))
+    run.stop("x", StopCause.CANCELLED, server="w1")  # w1 confirms: the instance is CANCELLED
+    assert run.instance() is InstanceStatus.CANCELLED
     return "x", 1
 
 
@@ -888,7 +945,7 @@ def test_interruptions_survive_a_new_dispatch_but_an_operator_retry_resets_them(
     # The operator took responsibility for running it again: a fresh crash budget.
     assert (run.attempt("x"), run.state.activities["x"].interruptions) == (3, 0)
     run.claim("x", "w3", wants_reply=False)
-    run.crash("x", "w4")
+    run.deadline("x")
     assert (run.attempt("x"), run.state.activities["x"].interruptions) == (4, 1)
 
 
@@ -984,47 +1041,61 @@ def test_cancel_ends_a_flagged_instance() -> None:
     assert_only_recorded(before, run.complete("x", attempt=1), HistoryKind.LATE_RESULT)
 
 
-def test_a_restarted_attempt_whose_server_dies_too_runs_again() -> None:
+def test_a_restarted_attempt_whose_server_dies_too_runs_alone() -> None:
     """A restart runs a new attempt under the old message: when that server dies too, the
-    broker redelivers the same message, which still names the first attempt."""
+    broker redelivers the same message, which still names the first attempt. The activity has
+    now been there at two deaths: it runs next alone, in an isolated runner, charged nothing."""
     run = Run(parse(noop("x")))
     run.start()
     run.claim("x", "w1", wants_reply=False)
+    first = run.now
     run.crash("x", "w2", deliveries=1)  # w1 died: w2 runs attempt 2, from attempt 1's message
     since = run.now
     # w2 dies too: the broker hands the same message (attempt 1) to w3.
     t = run.crash("x", "w3", attempt=1, deliveries=2)
-    assert t.decisions == [AnswerClaim(True, 3, "restarted as attempt 3")]
-    assert kinds(t) == [HistoryKind.REDELIVERED, HistoryKind.RESTARTED]
+    reason = (
+        "a suspect: 2 workers died while it ran; running alone, in an isolated runner, as attempt 3"
+    )
+    assert t.decisions == [
+        AnswerClaim(False, 1, f"moved to isolation: {reason}"),
+        Dispatch("x", "noop", {"v": "x"}, 3, True, None, None, isolated=True),
+    ]
+    assert kinds(t) == [HistoryKind.REDELIVERED, HistoryKind.ISOLATED]
     assert entry(t, HistoryKind.REDELIVERED).reason == (
         f"attempt 2 held by w2 since {since.isoformat(timespec='milliseconds')} "
         "was redelivered to w3 (delivery 3)"
     )
+    isolated = entry(t, HistoryKind.ISOLATED)
+    assert (isolated.step, isolated.attempt, isolated.reason) == ("x", 3, reason)
+    assert isolated.data == {"restartable": True, "isolated": True}
     x = run.state.activities["x"]
-    assert (x.attempt, x.claimed_by, x.interruptions) == (3, "w3", 2)
-    # w3 asks again under the message's attempt (its reply was lost): the same answer.
-    t = run.claim("x", "w3", attempt=1, redelivered=True, delivery_count=2)
-    assert (t.decisions, t.history) == ([AnswerClaim(True, 3, "granted")], [])
-    # A third death exhausts the crash budget: flagged, naming the last holder.
-    t = run.crash("x", "w4", attempt=1, deliveries=3)
-    assert t.decisions == [
-        AnswerClaim(False, 3, "flagged: crash budget exhausted", quarantine=True)
+    assert (x.status, x.attempt, x.claimed_by, x.isolated, x.interruptions) == (
+        ActivityStatus.SCHEDULED,
+        3,
+        None,
+        True,
+        0,
+    )
+    assert [(c.attempt, c.server_id, c.since, c.alone) for c in x.crashes] == [
+        (1, "w1", first, False),
+        (2, "w2", since, False),
     ]
-    x = run.state.activities["x"]
-    assert x.flag is not None
-    assert (x.flag.kind, x.flag.attempt, x.flag.server_id) == ("crash_budget", 3, "w3")
-    assert "attempt 3 held by w3" in x.flag.reason
-    # The first attempt's message is stale once a new message was dispatched.
-    run.resolve("x", "retry")
+    # w3 asks again under the message's attempt (its reply was lost): the message is stale now.
     before = run.state
-    t = run.crash("x", "w5", attempt=1, deliveries=4)
+    t = run.claim("x", "w3", attempt=1, redelivered=True, delivery_count=2)
     assert_only_recorded(before, t, HistoryKind.CLAIM_REFUSED)
     assert t.decisions == [
-        AnswerClaim(False, 1, "attempt 1 is stale: the activity is at attempt 4")
+        AnswerClaim(False, 1, "attempt 1 is stale: the activity is at attempt 3")
     ]
+    # The isolated attempt is claimed afresh, alone, and its result counts.
+    t = run.claim("x", "w4")
+    assert t.decisions == [AnswerClaim(True, 3, "granted")]
+    assert t.history[0].reason == "attempt 3 claimed by w4 alone, in an isolated runner"
+    run.complete("x", attempt=3, server="w4")
+    assert run.instance() is InstanceStatus.COMPLETED
 
 
-# --- the property: arbitrary interleavings of results and crashes -------------------------------
+# --- the property: arbitrary interleavings of results, crashes, stops and cancels ---------------
 
 ACTIVITY_KINDS: list[tuple[str, bool | None]] = [
     ("noop", None),
@@ -1036,6 +1107,8 @@ ACTIVITY_KINDS: list[tuple[str, bool | None]] = [
 ]
 """(type, the author's `restartable`): restartable by default or not, and overridden both ways."""
 
+FLAG_KINDS = {"redelivered", "timeout", "crash_budget", "outcome_unknown", "drain_deadline"}
+
 
 @dataclass(frozen=True)
 class Spec:
@@ -1045,6 +1118,9 @@ class Spec:
     preds: frozenset[str]
     """The activities before it in its sequences (and the parallels they join): each must be
     done before it is dispatched, if it ran at all (a condition's untaken branch did not)."""
+    poison: bool = False
+    """A restartable activity that crashes its runner when it runs alone (the model sends
+    `RUNNER_CRASHED` for no other): the others are healthy."""
 
 
 class Builder:
@@ -1105,7 +1181,8 @@ class Builder:
         if max_attempts > 1:
             raw["retry"] = {"max_attempts": max_attempts, "backoff": "1s"}
         restartable = type_name != "shell.command" if override is None else override
-        self.specs[step_id] = Spec(restartable, timeout, max_attempts, visible)
+        poison = restartable and self.draw(st.integers(0, 2)) == 0
+        self.specs[step_id] = Spec(restartable, timeout, max_attempts, visible, poison)
         return raw, visible | {step_id}
 
 
@@ -1124,6 +1201,7 @@ class Message:
     attempt: int
     restartable: bool
     delivery_count: int = 0
+    isolated: bool = False
 
 
 @dataclass
@@ -1135,15 +1213,16 @@ class Work:
     attempt: int | None = None
 
 
-RESULT = ActivityCompleted | ActivityFailed
 DONE = (ActivityStatus.COMPLETED, ActivityStatus.SKIPPED)
 ACTIONS: list[Literal["retry", "skip", "fail"]] = ["retry", "skip", "fail"]
+CANCELLER = "alice"
 
 
 @dataclass
 class Cluster:
     """The scheduler (this test, calling `apply`), a broker and a few workers that crash,
-    freeze, receive duplicates and report late; every transition is checked."""
+    freeze, receive duplicates, report late, run suspects alone, drain, and hear of cancels
+    (sometimes before the scheduler does); every transition is checked."""
 
     definition: Definition
     specs: dict[str, Spec]
@@ -1165,14 +1244,25 @@ class Cluster:
     top: dict[str, int] = field(default_factory=dict)
     """Step -> the highest attempt dispatched or granted."""
     new_attempts: dict[tuple[str, str], int] = field(default_factory=dict)
-    """(step, cause) -> attempts after the first, by cause: failure, interruption, operator."""
+    """(step, cause) -> attempts after the first, by cause: failure, interruption (a time-out
+    or a crash of its runner), restart, isolation, refresh, drain, operator."""
     interruptions: dict[str, int] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
-    """Step -> failures (not time-outs) it reported for a current attempt."""
+    """Step -> failures it reported for a current attempt that its retry policy counts."""
     message_attempt: dict[str, int] = field(default_factory=dict)
     """Step -> the attempt its latest message names (a restart keeps the message)."""
+    sent_before: dict[str, int] = field(default_factory=dict)
+    """`message_attempt` as it was before the transition being checked."""
     finished: Finish | None = None
     may_cancel: bool = True
+    focus: str = "mixed"
+    """What the chaos favours: `crashes` (poison activities take their workers and runners
+    down), `cancels`, or a mix."""
+    heard: str | None = None
+    """Workers heard that the instance is cancelled (by whom): they drop its messages and stop
+    what of it they run."""
+    pending_cancel: str | None = None
+    """A cancel broadcast reached the workers; its command has not reached the scheduler yet."""
     events: int = 0
     seen: dict[str, int] = field(default_factory=dict)
     """What happened, for the statistics."""
@@ -1196,41 +1286,13 @@ class Cluster:
 
     def check(self, event: Event, before: InstanceState, t: Transition) -> None:
         state = t.state
-        # (c) a flagged activity carries its flag; the instance is FLAGGED exactly while one is.
-        interrupted = False
-        for step, a in state.activities.items():
-            if a.status is ActivityStatus.INTERRUPTED:
-                interrupted = True
-                assert a.flag is not None, step
-                assert a.flag.reason
-                assert a.flag.attempt == a.attempt
-                assert a.flag.kind in ("redelivered", "timeout", "crash_budget")
-                if a.flag.kind != "crash_budget" or "held by" in a.flag.reason:
-                    # It names the attempt and the server that held it.
-                    assert f"attempt {a.attempt}" in a.flag.reason, a.flag.reason
-                    assert a.flag.server_id is None or a.flag.server_id in a.flag.reason
-                assert not a.restartable or a.flag.kind == "crash_budget", a.flag
-            else:
-                assert a.flag is None, (step, a)
-            # Interruptions survive new dispatches: they never go down, except that an
-            # operator's retry starts a fresh crash budget.
-            operator_retry = (
-                isinstance(event, Resolve)
-                and event.step == step
-                and (event.action == "retry" and a.attempt > before.activities[step].attempt)
-            )
-            if operator_retry:
-                assert a.interruptions == 0
-            else:
-                assert a.interruptions >= self.interruptions.get(step, 0)
-            self.interruptions[step] = a.interruptions
-        if state.status.is_final:
-            assert not interrupted
-        elif state.status is not InstanceStatus.PENDING:
-            assert (state.status is InstanceStatus.FLAGGED) is interrupted, state.status
+        self.check_activities(event, before, state)
+        self.check_status(before, state)
         for h in t.history:
             self.saw(h.kind.value)
 
+        # The messages going round when the event came (a dispatch below sends a new one).
+        self.sent_before = dict(self.message_attempt)
         answers = [d for d in t.decisions if isinstance(d, AnswerClaim)]
         if isinstance(event, Claim) and event.wants_reply:
             assert len(answers) == 1, t.decisions
@@ -1239,6 +1301,21 @@ class Cluster:
         if self.finished is not None:
             # Nothing is decided after the instance finished, but refusals.
             assert all(isinstance(d, AnswerClaim) and not d.granted for d in t.decisions)
+        if state.cancel is not None:
+            # (h) nothing is dispatched or granted once a cancel is recorded.
+            assert not any(isinstance(d, Dispatch) for d in t.decisions), t.decisions
+            assert not any(isinstance(d, AnswerClaim) and d.granted for d in t.decisions)
+        stops = [d for d in t.decisions if isinstance(d, StopInstance)]
+        if before.cancel is None and state.cancel is not None:
+            # The cancel is recorded now: workers are told whenever they may hold something.
+            may_hold = any(
+                a.status in (ActivityStatus.SCHEDULED, ActivityStatus.RUNNING)
+                for a in before.activities.values()
+            )
+            assert stops == ([StopInstance(state.cancel.by)] if may_hold else []), t.decisions
+        else:
+            assert stops == []
+            assert state.cancel == before.cancel, "a recorded cancel never changes"
         for d in t.decisions:
             if isinstance(d, Finish):
                 assert self.finished is None
@@ -1247,23 +1324,116 @@ class Cluster:
                 assert all(a.status.is_final for a in state.activities.values())
                 if d.status is InstanceStatus.COMPLETED:
                     assert all(a.status in DONE for a in state.activities.values())
+                assert (d.status is InstanceStatus.CANCELLED) is (state.cancel is not None)
                 self.finished = d
             elif isinstance(d, Dispatch):
-                self.check_dispatch(event, d)
+                self.check_dispatch(event, before, t, d)
             elif isinstance(d, SetDeadline):
-                assert isinstance(event, Claim)
-                spec = self.specs[d.step]
-                assert spec.timeout_s is not None
-                assert d.at == event.at + timedelta(
-                    seconds=spec.timeout_s + self.policy.deadline_grace_s
-                )
-                assert d.attempt == state.activities[d.step].attempt
-                self.deadlines.append(d)
+                self.check_deadline(event, before, state, d)
+            elif isinstance(d, StopInstance):
+                self.heard = self.heard or d.by
             elif isinstance(d, AnswerClaim) and d.granted:
                 assert isinstance(event, Claim)
                 self.check_grant(event, d, before)
 
         self.check_event(event, before, t)
+
+    def check_activities(self, event: Event, before: InstanceState, state: InstanceState) -> None:
+        for step, a in state.activities.items():
+            b = before.activities.get(step)
+            # (c) a flagged activity carries its flag, naming the attempt and its holder.
+            if a.status is ActivityStatus.INTERRUPTED:
+                assert a.flag is not None, step
+                assert a.flag.kind in FLAG_KINDS, a.flag
+                assert a.flag.attempt == a.attempt
+                assert f"attempt {a.attempt}" in a.flag.reason, a.flag.reason
+                assert a.flag.server_id is None or a.flag.server_id in a.flag.reason
+                # A restartable activity is flagged only when it exhausted its crash budget.
+                assert not a.restartable or a.flag.kind == "crash_budget", a.flag
+                if a.flag.kind == "crash_budget" and (b is None or b.flag != a.flag):
+                    # (k) charged to its own crashes alone, or quarantined by a worker's
+                    # backstop: a healthy activity is never flagged for its neighbours' crashes.
+                    if isinstance(event, ActivityStopped):
+                        assert event.cause is StopCause.RUNNER_CRASHED
+                        assert self.specs[step].poison, (step, a.flag)
+                        assert a.interruptions >= self.policy.crash_budget
+                    else:
+                        assert isinstance(event, Quarantined), (event, a.flag)
+            else:
+                assert a.flag is None, (step, a)
+            # Interruptions survive new dispatches: they never go down, except that an
+            # operator's retry starts a fresh crash budget.
+            operator_retry = (
+                isinstance(event, Resolve)
+                and event.step == step
+                and event.action == "retry"
+                and b is not None
+                and a.attempt > b.attempt
+            )
+            if operator_retry:
+                assert a.interruptions == 0
+            else:
+                assert a.interruptions >= self.interruptions.get(step, 0)
+            if b is not None and a.interruptions > b.interruptions:
+                # (i) charged only to its own time-out or to a crash of its runner, one each.
+                assert a.interruptions == b.interruptions + 1
+                assert getattr(event, "step", None) == step, event
+                assert isinstance(event, ActivityFailed | DeadlineExpired | ActivityStopped)
+                if isinstance(event, ActivityFailed):
+                    assert event.timed_out
+                if isinstance(event, ActivityStopped):
+                    assert event.cause is StopCause.RUNNER_CRASHED
+            self.interruptions[step] = a.interruptions
+            if b is not None and a.crashes != b.crashes:
+                # A crash is recorded when a worker died holding it (a suspect: charged
+                # nothing) or its isolated runner died (charged).
+                crash = a.crashes[-1]
+                assert crash.detected_at == self.now
+                assert [*b.crashes, crash][-MAX_CRASHES_KEPT:] == a.crashes
+                if isinstance(event, Claim):
+                    assert not crash.alone
+                    assert a.interruptions == b.interruptions
+                else:
+                    assert isinstance(event, ActivityStopped), event
+                    assert event.cause is StopCause.RUNNER_CRASHED
+                    assert crash.alone
+
+    def check_status(self, before: InstanceState, state: InstanceState) -> None:
+        interrupted = any(a.status is ActivityStatus.INTERRUPTED for a in state.activities.values())
+        if state.status.is_final:
+            assert not interrupted
+        elif state.status is InstanceStatus.CANCELLING:
+            assert state.cancel is not None
+            assert not interrupted
+            assert any(a.status is ActivityStatus.RUNNING for a in state.activities.values())
+            assert not any(a.status is ActivityStatus.SCHEDULED for a in state.activities.values())
+        elif state.status is not InstanceStatus.PENDING:
+            assert state.cancel is None
+            assert (state.status is InstanceStatus.FLAGGED) is interrupted, state.status
+        if before.status is InstanceStatus.CANCELLING:
+            # (j) CANCELLING is left only to CANCELLED.
+            assert state.status in (InstanceStatus.CANCELLING, InstanceStatus.CANCELLED)
+        if before.status.is_final:
+            assert state.status is before.status
+
+    def check_deadline(
+        self, event: Event, before: InstanceState, state: InstanceState, d: SetDeadline
+    ) -> None:
+        if isinstance(event, Claim):
+            spec = self.specs[d.step]
+            assert spec.timeout_s is not None
+            assert d.at == event.at + timedelta(
+                seconds=spec.timeout_s + self.policy.deadline_grace_s
+            )
+            assert d.attempt == state.activities[d.step].attempt
+        else:
+            # A cancel's grace, for each activity that ran when it was recorded.
+            assert before.cancel is None
+            assert state.status is InstanceStatus.CANCELLING
+            assert d.at == self.now + timedelta(seconds=self.policy.cancel_grace_s)
+            b = before.activities[d.step]
+            assert (b.status, b.attempt) == (ActivityStatus.RUNNING, d.attempt)
+        self.deadlines.append(d)
 
     def check_event(self, event: Event, before: InstanceState, t: Transition) -> None:
         """What each kind of event must do, given the state it met."""
@@ -1279,18 +1449,26 @@ class Cluster:
                 or a.attempt != event.attempt
                 or a.status is not ActivityStatus.RUNNING
                 or before.status.is_final
-                or self.specs[event.step].timeout_s is None  # no timer was set: a stray one
+                or (
+                    self.specs[event.step].timeout_s is None  # no timer was set: a stray one
+                    and before.status is not InstanceStatus.CANCELLING
+                )
             ):
                 assert_only_recorded(before, t)  # timers leave no trace
                 assert t.decisions == []
                 return
             after = state.activities[event.step]
-            if not a.restartable:
+            if before.status is InstanceStatus.CANCELLING:
+                # Its worker never confirmed the stop: recorded as cancelled.
+                assert after.status is ActivityStatus.CANCELLED
+                assert "did not confirm" in (after.reason or "")
+            elif not a.restartable:
                 assert after.status is ActivityStatus.INTERRUPTED
                 assert after.flag is not None
                 assert after.flag.kind == "timeout"
             elif a.interruptions + 1 < self.policy.crash_budget:
                 assert (after.attempt, after.status) == (a.attempt + 1, ActivityStatus.SCHEDULED)
+                assert after.isolated is a.isolated
             else:
                 assert after.status is ActivityStatus.TIMED_OUT
                 assert state.status is InstanceStatus.FAILED
@@ -1306,6 +1484,8 @@ class Cluster:
             if event.action == "retry":
                 assert (after.attempt, after.status) == (a.attempt + 1, ActivityStatus.SCHEDULED)
                 assert after.interruptions == 0, "the operator's retry gets a fresh crash budget"
+                # A restartable activity with crashes on its record runs alone.
+                assert after.isolated is (a.restartable and bool(a.crashes))
             elif event.action == "skip":
                 assert after.status is ActivityStatus.SKIPPED
                 assert after.output == ({} if event.output is None else event.output)
@@ -1316,21 +1496,47 @@ class Cluster:
                 assert state.status is InstanceStatus.FAILED
                 assert state.error == after.error
         elif isinstance(event, Cancel):
-            if before.status.is_final:
-                assert_only_recorded(before, t, HistoryKind.IGNORED)
-            else:
-                assert t.decisions == [Finish(InstanceStatus.CANCELLED)]
-        elif isinstance(event, RESULT) and self.current(before, event.step, event.attempt):
+            self.check_cancel(event, before, t)
+        elif isinstance(event, ActivityStopped):
+            self.check_stop(event, before, t)
+        elif isinstance(event, ActivityCompleted | ActivityFailed):
+            self.check_result(event, before, t)
+
+    def check_result(
+        self, event: ActivityCompleted | ActivityFailed, before: InstanceState, t: Transition
+    ) -> None:
+        state = t.state
+        if self.current(before, event.step, event.attempt):
             assert dump(state) != dump(before)
             assert event.step in t.changed_steps
-            if before.activities[event.step].status is ActivityStatus.INTERRUPTED:
+            a = before.activities[event.step]
+            after = state.activities[event.step]
+            if a.status is ActivityStatus.INTERRUPTED:
                 # A late result of the flagged attempt: the flag resolves itself.
                 assert kinds(t)[0] is HistoryKind.RESOLVED
                 assert "resolves itself" in t.history[0].reason
+            if before.status is InstanceStatus.CANCELLING:
+                # Its ending is recorded; nothing runs again.
+                self.saw("result while cancelling")
+                assert after.attempt == a.attempt
+                assert after.status in (
+                    ActivityStatus.COMPLETED,
+                    ActivityStatus.FAILED,
+                    ActivityStatus.TIMED_OUT,
+                )
+                assert after.failures == a.failures
+                return
             if isinstance(event, ActivityFailed) and not event.timed_out:
+                if event.error.outcome_unknown and not a.restartable:
+                    # Outcome unknown: flagged, and the retry policy is not touched.
+                    assert after.status is ActivityStatus.INTERRUPTED
+                    assert after.flag is not None
+                    assert after.flag.kind == "outcome_unknown"
+                    assert after.failures == a.failures
+                    return
                 # The retry policy counts failures, whatever else ended earlier attempts.
                 failures = self.failures[event.step] = self.failures.get(event.step, 0) + 1
-                after = state.activities[event.step]
+                assert after.failures == failures
                 if failures < self.specs[event.step].max_attempts:
                     assert (after.attempt, after.status) == (
                         event.attempt + 1,
@@ -1339,12 +1545,95 @@ class Cluster:
                 else:
                     assert after.status is ActivityStatus.FAILED
                     assert state.status is InstanceStatus.FAILED
-        elif isinstance(event, RESULT):
+        else:
             # (e) a result of a stale attempt (or for an ended activity or instance) changes
             # nothing but the history.
             assert dump(state) == dump(before)
             assert t.decisions == []
             assert kinds(t) in ([HistoryKind.LATE_RESULT], [HistoryKind.IGNORED]), t.history
+
+    def check_cancel(self, event: Cancel, before: InstanceState, t: Transition) -> None:
+        state = t.state
+        if before.status.is_final or before.cancel is not None:
+            assert_only_recorded(before, t, HistoryKind.IGNORED)
+            if before.cancel is not None:
+                assert f"{before.cancel.by} asked first" in t.history[0].reason
+            return
+        assert state.cancel is not None
+        assert state.cancel.by == event.by
+        running = {s for s, a in before.activities.items() if a.status is ActivityStatus.RUNNING}
+        for step, b in before.activities.items():
+            after = state.activities[step]
+            if b.status in (ActivityStatus.SCHEDULED, ActivityStatus.INTERRUPTED):
+                assert (after.status, after.flag) == (ActivityStatus.CANCELLED, None)
+            elif b.status is ActivityStatus.RUNNING:
+                assert after.status is ActivityStatus.RUNNING
+            else:
+                assert after.status is b.status
+        if running:
+            assert state.status is InstanceStatus.CANCELLING
+            assert kinds(t) == [HistoryKind.INSTANCE_CANCELLING]
+            deadlines = {d.step for d in t.decisions if isinstance(d, SetDeadline)}
+            assert deadlines == running
+            assert not any(isinstance(d, Finish) for d in t.decisions)
+        else:
+            assert state.status is InstanceStatus.CANCELLED
+            assert t.decisions[-1] == Finish(InstanceStatus.CANCELLED)
+            assert kinds(t) == [HistoryKind.INSTANCE_CANCELLED]
+            assert event.by in t.history[0].reason
+
+    def check_stop(self, event: ActivityStopped, before: InstanceState, t: Transition) -> None:
+        state = t.state
+        a = before.activities.get(event.step)
+        if (
+            event.cause is StopCause.CANCELLED
+            and a is not None
+            and a.attempt == event.attempt
+            and a.status is ActivityStatus.CANCELLED
+        ):
+            # Cancelled before it started (or while flagged): the worker's stop is only noted.
+            assert_only_recorded(before, t, HistoryKind.CANCELLED)
+            return
+        if not self.current(before, event.step, event.attempt):
+            assert_only_recorded(before, t, HistoryKind.LATE_RESULT)
+            return
+        assert a is not None
+        after = state.activities[event.step]
+        if before.status is InstanceStatus.CANCELLING or event.cause is StopCause.CANCELLED:
+            assert after.status is ActivityStatus.CANCELLED
+            assert state.cancel is not None
+            if before.cancel is None:
+                # The worker heard of the cancel first: its stop records it.
+                assert state.cancel.by == event.cancelled_by
+            if a.status is ActivityStatus.RUNNING:
+                unknown = event.error.outcome_unknown and not a.restartable
+                assert ("outcome unknown" in (after.reason or "")) is unknown, after.reason
+            return
+        if event.cause is StopCause.DRAIN_DEADLINE:
+            # The operator's doing, not the activity's: nothing is charged.
+            assert after.interruptions == a.interruptions
+            if a.restartable:
+                assert (after.attempt, after.status) == (a.attempt + 1, ActivityStatus.SCHEDULED)
+                assert after.isolated is a.isolated
+            else:
+                assert after.flag is not None
+                assert after.flag.kind == "drain_deadline"
+            return
+        # Its isolated runner died: charged to it alone.
+        assert after.interruptions == a.interruptions + 1
+        assert after.crashes[-1].alone
+        if not a.restartable:
+            assert after.flag is not None
+            assert after.flag.kind == "outcome_unknown"
+        elif after.interruptions < self.policy.crash_budget:
+            assert (after.attempt, after.status, after.isolated) == (
+                a.attempt + 1,
+                ActivityStatus.SCHEDULED,
+                True,
+            )
+        else:
+            assert after.flag is not None
+            assert after.flag.kind == "crash_budget"
 
     def check_quarantine(self, event: Quarantined, before: InstanceState, t: Transition) -> None:
         a = before.activities.get(event.step)
@@ -1353,51 +1642,104 @@ class Cluster:
         elif a.status is ActivityStatus.INTERRUPTED:
             assert dump(t.state) == dump(before)  # flagged already
             assert set(kinds(t)) <= {HistoryKind.IGNORED}
-        elif event.attempt not in (a.attempt, self.message_attempt[event.step]):
+        elif event.attempt not in (a.attempt, self.sent_before[event.step]):
             # A copy of an older attempt's message: the attempt running now crashed nothing.
             assert_only_recorded(before, t, HistoryKind.IGNORED)
+        elif before.status is InstanceStatus.CANCELLING:
+            assert t.state.activities[event.step].status is ActivityStatus.CANCELLED
         else:
             assert kinds(t) == [HistoryKind.FLAGGED]
             flag = t.state.activities[event.step].flag
             assert flag is not None
             assert (flag.kind, flag.attempt) == ("crash_budget", a.attempt)
             assert f"delivered {event.deliveries} times" in flag.reason
-        assert t.decisions == []
+        assert [d for d in t.decisions if not isinstance(d, Finish)] == []
 
     def check_claim(self, claim: Claim, before: InstanceState, t: Transition) -> None:
-        granted = [d for d in t.decisions if isinstance(d, AnswerClaim) and d.granted]
+        state = t.state
+        answers = [d for d in t.decisions if isinstance(d, AnswerClaim)]
+        granted = [d for d in answers if d.granted]
+        new = [d for d in t.decisions if isinstance(d, Dispatch)]
         a = before.activities.get(claim.step)
         if (
             a is None
             or before.status.is_final
             or a.status.is_final
             or a.status is ActivityStatus.INTERRUPTED
-            or claim.attempt not in (a.attempt, self.message_attempt[claim.step])
+            or claim.attempt not in (a.attempt, self.sent_before[claim.step])
         ):
             # Nothing to run: refused, and only recorded (a start notice needs no answer).
             assert granted == []
-            assert dump(t.state) == dump(before)
+            assert dump(state) == dump(before)
             assert [d for d in t.decisions if not isinstance(d, AnswerClaim)] == []
             refused = [HistoryKind.CLAIM_REFUSED]
             assert kinds(t) == refused or (not claim.wants_reply and kinds(t) == [])
             return
-        if not granted:
-            return
         deadlines = [d for d in t.decisions if isinstance(d, SetDeadline)]
         timed = self.specs[claim.step].timeout_s is not None
+        after = state.activities[claim.step]
+        lost = (
+            a.status is ActivityStatus.RUNNING
+            and a.claimed_by not in (None, claim.server_id)
+            and claim.redelivered
+            and claim.delivery_count > a.claim_delivery
+        )
+        too_often = claim.delivery_count + 1 >= self.policy.refresh_after_deliveries
+        if before.status is InstanceStatus.CANCELLING:
+            # Nothing starts once a cancel is recorded; a lost holder has stopped, one way or
+            # another.
+            assert granted == []
+            assert new == []
+            if lost:
+                assert kinds(t)[:2] == [HistoryKind.REDELIVERED, HistoryKind.CANCELLED]
+                assert after.status is ActivityStatus.CANCELLED
+            else:
+                assert dump(state) == dump(before)
+                assert kinds(t) in ([HistoryKind.CLAIM_REFUSED], [])
+            return
         if a.claimed_by == claim.server_id and a.status is ActivityStatus.RUNNING:
             # Asked again by the holder: the same answer, nothing new.
-            assert dump(t.state) == dump(before)
+            assert [d.attempt for d in granted] == [a.attempt] or not claim.wants_reply
+            assert dump(state) == dump(before)
             assert (t.history, deadlines) == ([], [])
         elif a.claimed_by is None:
-            assert kinds(t) == [HistoryKind.CLAIMED]
-            assert len(deadlines) == int(timed)
+            if too_often:
+                # Delivered too often: refused, and re-sent as a fresh message.
+                assert (granted, kinds(t)) == ([], [HistoryKind.RETRY])
+                assert [(d.attempt, d.isolated) for d in new] == [(a.attempt + 1, a.isolated)]
+            else:
+                assert kinds(t) == [HistoryKind.CLAIMED]
+                assert len(deadlines) == int(timed)
+                assert after.claimed_by == claim.server_id
+        elif not lost:
+            # A duplicate delivery, or an older one: the holder has it.
+            assert granted == []
+            assert dump(state) == dump(before)
+            assert kinds(t) == [HistoryKind.CLAIM_REFUSED]
         else:
-            # Its holder is gone: a new attempt, and the record says who held it.
-            assert granted[0].attempt == a.attempt + 1
-            assert kinds(t) == [HistoryKind.REDELIVERED, HistoryKind.RESTARTED]
+            # Its holder is gone: a suspect, charged nothing; the record says who held it.
+            assert kinds(t)[0] is HistoryKind.REDELIVERED
             assert a.claimed_by in t.history[0].reason
-            assert len(deadlines) == int(timed)
+            assert after.interruptions == a.interruptions
+            assert (after.crashes[-1].server_id, after.crashes[-1].alone) == (a.claimed_by, False)
+            if not a.restartable:
+                assert kinds(t) == [HistoryKind.REDELIVERED, HistoryKind.FLAGGED]
+                assert after.flag is not None
+                assert after.flag.kind == "redelivered"
+                assert (granted, new) == ([], [])
+            elif a.isolated or a.crashes:
+                # An earlier crash on its record, or lost while alone: it runs alone next.
+                assert kinds(t) == [HistoryKind.REDELIVERED, HistoryKind.ISOLATED]
+                assert granted == []
+                assert [(d.attempt, d.isolated) for d in new] == [(a.attempt + 1, True)]
+            elif too_often:
+                assert kinds(t) == [HistoryKind.REDELIVERED, HistoryKind.RETRY]
+                assert granted == []
+                assert [(d.attempt, d.isolated) for d in new] == [(a.attempt + 1, False)]
+            else:
+                assert kinds(t) == [HistoryKind.REDELIVERED, HistoryKind.RESTARTED]
+                assert [d.attempt for d in granted] == [a.attempt + 1]
+                assert len(deadlines) == int(timed)
 
     @staticmethod
     def current(state: InstanceState, step: str, attempt: int) -> bool:
@@ -1424,29 +1766,64 @@ class Cluster:
         assert self.new_attempts.get((step, "failure"), 0) <= self.specs[step].max_attempts - 1
         assert self.new_attempts.get((step, "interruption"), 0) <= self.policy.crash_budget - 1
 
-    def check_dispatch(self, event: Event, d: Dispatch) -> None:
+    def check_dispatch(
+        self, event: Event, before: InstanceState, t: Transition, d: Dispatch
+    ) -> None:
         spec = self.specs[d.step]
         assert (d.restartable, d.timeout_s) == (spec.restartable, spec.timeout_s)
+        b = before.activities.get(d.step)
+        if d.attempt > 1:
+            # A new attempt answers an event about that very step.
+            assert b is not None
+            assert getattr(event, "step", None) == d.step, event
         if d.attempt == 1:
             cause = "first"
             for pred in spec.preds & set(self.state.activities):
                 assert self.state.activities[pred].status in DONE, (d.step, pred)
+            assert not d.isolated
         elif isinstance(event, Resolve):
-            assert (event.step, event.action) == (d.step, "retry"), event
+            assert event.action == "retry", event
             cause = "operator"
         elif isinstance(event, ActivityFailed) and not event.timed_out:
-            assert event.step == d.step
+            # A failure the step's retry policy repeats: its outcome is known, or it is
+            # restartable.
+            assert spec.restartable or not event.error.outcome_unknown, event
             cause = "failure"
+            assert not d.isolated
+        elif isinstance(event, ActivityFailed | DeadlineExpired):
+            cause = "interruption"  # a time-out
+            assert b is not None
+            assert d.isolated is b.isolated
+        elif isinstance(event, ActivityStopped):
+            assert event.cause is not StopCause.CANCELLED
+            assert spec.restartable
+            if event.cause is StopCause.RUNNER_CRASHED:
+                cause = "interruption"
+                assert d.isolated
+            else:
+                cause = "drain"
+                assert b is not None
+                assert d.isolated is b.isolated
         else:
-            assert isinstance(event, ActivityFailed | DeadlineExpired), event
-            assert event.step == d.step
-            cause = "interruption"
+            assert isinstance(event, Claim), event
+            assert b is not None
+            if HistoryKind.ISOLATED in kinds(t):
+                cause = "isolation"
+                assert spec.restartable
+                assert d.isolated
+            else:
+                assert d.isolated is b.isolated
+                cause = "refresh"
+                assert event.delivery_count + 1 >= self.policy.refresh_after_deliveries
+                # A non-restartable message is re-sent only when nobody ever claimed it.
+                assert spec.restartable or b.claimed_by is None, (d, b)
         if not spec.restartable:
-            # (b) a non-restartable activity runs again only when an operator says so (or after
-            # a failure it reported itself: its outcome is known); never after a time-out.
-            assert cause in ("first", "operator", "failure"), (d, event)
+            # (b) a non-restartable activity runs again only when an operator says so, after
+            # a failure with a known outcome, or re-sent before anyone claimed it; never after
+            # a crash, a time-out, a drain or an unknown outcome.
+            assert cause in ("first", "operator", "failure", "refresh"), (d, event)
         self.new_attempt(d.step, d.attempt, cause)
-        message = Message(d.step, d.attempt, d.restartable)
+        message = Message(d.step, d.attempt, d.restartable, isolated=d.isolated)
         self.message_attempt[d.step] = d.attempt
         self.queue.append(message)
         self.published.append(message)
@@ -1462,7 +1839,7 @@ class Cluster:
             # A restart: only of a restartable activity whose holder is gone.
             assert claim.redelivered
             assert self.specs[claim.step].restartable
-            self.new_attempt(claim.step, answer.attempt, "interruption")
+            self.new_attempt(claim.step, answer.attempt, "restart")
         # (f) a grant is always for the step's latest attempt, so grants come in order.
         assert answer.attempt == self.top[claim.step] >= claim.attempt
 
@@ -1487,12 +1864,17 @@ class Cluster:
             return
         self.held.append(Work(message, server))
 
+    def drop(self, work: Work, *, report: bool) -> None:
+        """The worker heard of the cancel: it never starts what it holds (it may say so)."""
+        self.held.remove(work)
+        if report:
+            self.stop(work, StopCause.CANCELLED, work.message.attempt, started=False)
+
     def claim(self, work: Work, *, reply_lost: bool = False) -> None:
         m = work.message
         redelivered = m.delivery_count > 0
-        wants_reply = redelivered or not m.restartable
+        wants_reply = redelivered or not m.restartable or m.isolated
         at = self.now + S
-        before = self.state
         claim = Claim(
             m.step, m.attempt, work.server, at, redelivered, m.delivery_count, wants_reply
         )
@@ -1507,9 +1889,6 @@ class Cluster:
                 assert dump(again.state) == dump(t.state)
             if not answer.granted:
                 self.held.remove(work)  # not run: acked
-                assert dump(t.state) == dump(before) or any(
-                    h.kind is HistoryKind.FLAGGED for h in t.history
-                )
                 return
             attempt = answer.attempt
         else:
@@ -1521,16 +1900,51 @@ class Cluster:
             # (a) never silently run twice: one server per non-restartable attempt, ever.
             assert len(servers) == 1, (m.step, attempt, servers)
 
+    def stop(self, work: Work, cause: StopCause, attempt: int, *, started: bool) -> None:
+        error = ActivityError(kind=cause.value, message=cause.value, outcome_unknown=started)
+        by = self.heard if cause is StopCause.CANCELLED else None
+        self.send(
+            ActivityStopped(
+                work.message.step, attempt, cause, error, work.server, self.now, self.now, by
+            )
+        )
+
     def report(self, work: Work, outcome: str) -> None:
         assert work.attempt is not None
         step, attempt = work.message.step, work.attempt
+        self.saw(f"outcome {outcome}")
         if outcome == "completed":
             output = {"v": self.events % 3}
             self.send(ActivityCompleted(step, attempt, output, work.server, self.now, self.now))
             return
-        error = ActivityError(kind=outcome, message=f"{step} attempt {attempt} on {work.server}")
+        stops = {
+            "stopped": StopCause.CANCELLED,
+            "drained": StopCause.DRAIN_DEADLINE,
+            "runner crashed": StopCause.RUNNER_CRASHED,
+        }
+        if outcome in stops:
+            self.stop(work, stops[outcome], attempt, started=True)
+            return
+        error = ActivityError(
+            kind=outcome,
+            message=f"{step} attempt {attempt} on {work.server}",
+            outcome_unknown=outcome in ("unknown", "timeout"),
+        )
         timed_out = outcome == "timeout"
         self.send(ActivityFailed(step, attempt, error, work.server, self.now, self.now, timed_out))
+
+    def outcomes(self, work: Work, *, chaos: bool) -> list[str]:
+        """What a worker may report of a run."""
+        stop = ["stopped"] * 3 if self.heard else []
+        if not chaos:
+            # A worker told to stop stops, or had just ended (its result crossed the cancel).
+            return [*stop, "completed", "failed"] if stop else ["completed"]
+        outcomes = ["completed", "completed", "failed", "unknown", "timeout", "drained", *stop]
+        if self.focus == "crashes":
+            outcomes = ["completed", "completed", "completed", "timeout", "drained"]
+        if work.message.isolated and self.specs[work.message.step].poison:
+            outcomes += ["runner crashed"] * (9 if self.focus == "crashes" else 3)
+        return outcomes
 
     def lose(self, server: str, *, frozen: bool) -> None:
         """A server dies (or is cut off): the broker requeues what it held, redelivered."""
@@ -1539,7 +1953,9 @@ class Cluster:
         for work in [w for w in self.held if w.server == server]:
             self.held.remove(work)
             m = work.message
-            self.queue.append(Message(m.step, m.attempt, m.restartable, m.delivery_count + 1))
+            self.queue.append(
+                Message(m.step, m.attempt, m.restartable, m.delivery_count + 1, m.isolated)
+            )
             if frozen and work.attempt is not None:
                 self.zombies.append(work)
         while len(self.live) < 2:
@@ -1568,15 +1984,35 @@ class Cluster:
             options.append("late")
         if self.flagged():
             options += ["resolve"] * (1 if chaos else 5)
+        if self.pending_cancel and not chaos:
+            options.append("cancel")  # the command reaches the scheduler in the end
         if chaos:
             crashable = sorted({w.server for w in self.held})
             if crashable:
                 options += ["crash", "crash", "freeze"]
-            if self.published and self.seen.get("duplicate", 0) < 3:
-                options.append("duplicate")
-            options += ["deadline", "noise"]
+            # A poison activity takes its worker down when it runs beside others.
+            poisoned_steps = {
+                w.message.step
+                for w in running
+                if self.specs[w.message.step].poison and not w.message.isolated
+            }
+            poisoned = sorted(
+                {w.server for w in running if w.message.step in poisoned_steps}
+                - {w.server for w in running if w.message.isolated}
+            )
+            if poisoned:
+                options += ["poison"] * (9 if self.focus == "crashes" else 3)
+            if self.focus != "crashes":
+                if self.published and self.seen.get("duplicate", 0) < 3:
+                    options.append("duplicate")
+                options += ["deadline", "noise"]
             if self.may_cancel and not self.state.status.is_final:
-                options += ["cancel"] * (1 + 2 * bool(self.flagged()))
+                if self.state.cancel is not None:
+                    options.append("cancel")  # asked again: only recorded
+                else:
+                    options += ["cancel"] * (1 + 2 * bool(self.flagged()))
+                    if self.focus == "cancels" and running:
+                        options += ["cancel"] * 3
         elif not options and self.deadlines:
             options.append("deadline")
         if not options:
@@ -1589,20 +2025,28 @@ class Cluster:
                 self.deliver(message, data.draw(st.sampled_from(servers), label="to"))
         elif what == "claim":
             work = data.draw(st.sampled_from(prefetched), label="claimer")
-            self.claim(work, reply_lost=chaos and data.draw(st.integers(0, 4), label="lost") == 0)
+            # A worker that heard of the cancel drops what it has not started (its claim may
+            # have been on its way already).
+            if self.heard and (not chaos or data.draw(st.booleans(), label="heard in time")):
+                self.drop(work, report=data.draw(st.booleans(), label="says so"))
+            else:
+                lost = chaos and data.draw(st.integers(0, 4), label="lost") == 0
+                self.claim(work, reply_lost=lost)
         elif what == "result":
             work = data.draw(st.sampled_from(running), label="reporter")
-            outcomes = ["completed", "completed", "failed", "failed", "timeout"]
-            if not chaos:
-                outcomes = ["completed"]
+            if chaos and self.focus == "crashes" and work.message.step in poisoned_steps:
+                # Beside others, a poison activity never ends: it takes its worker down.
+                self.lose(work.server, frozen=False)
+                return True
+            outcome = data.draw(st.sampled_from(self.outcomes(work, chaos=chaos)), label="outcome")
             self.held.remove(work)
-            self.report(work, data.draw(st.sampled_from(outcomes), label="outcome"))
+            self.report(work, outcome)
         elif what == "late":
             work = data.draw(st.sampled_from(self.zombies), label="zombie")
             self.zombies.remove(work)
             self.saw("frozen worker reported")
-            outcomes = ["completed", "failed", "timeout"] if chaos else ["completed"]
-            self.report(work, data.draw(st.sampled_from(outcomes), label="late outcome"))
+            outcome = data.draw(st.sampled_from(self.outcomes(work, chaos=chaos)), label="late")
+            self.report(work, outcome)
         elif what == "resolve":
             step = data.draw(st.sampled_from(self.flagged()), label="flagged")
             action = data.draw(st.sampled_from(ACTIONS), label="action")
@@ -1611,10 +2055,12 @@ class Cluster:
         elif what in ("crash", "freeze"):
             server = data.draw(st.sampled_from(crashable), label=what)
             self.lose(server, frozen=what == "freeze")
+        elif what == "poison":
+            self.lose(data.draw(st.sampled_from(poisoned), label="poisoned"), frozen=False)
         elif what == "duplicate":
             # The outbox relay published a message twice (it crashed before marking it sent).
             m = data.draw(st.sampled_from(self.published), label="duplicate of")
-            self.queue.append(Message(m.step, m.attempt, m.restartable))
+            self.queue.append(Message(m.step, m.attempt, m.restartable, isolated=m.isolated))
             self.saw("duplicate")
         elif what == "deadline":
             if len(self.deadlines) > 0 and data.draw(st.integers(0, 3), label="set") > 0:
@@ -1628,8 +2074,21 @@ class Cluster:
         elif what == "noise":
             self.noise(data)
         else:
-            self.send(Cancel("random cancel"))
+            self.cancel(data, chaos=chaos)
         return True
+
+    def cancel(self, data: st.DataObject, *, chaos: bool) -> None:
+        """An operator cancels: the command reaches the scheduler, or its broadcast reaches
+        the workers first (the command follows)."""
+        if self.pending_cancel is not None:
+            by, self.pending_cancel = self.pending_cancel, None
+            self.send(Cancel("random cancel", by=by))
+            return
+        if chaos and self.heard is None and data.draw(st.booleans(), label="heard first"):
+            self.heard = self.pending_cancel = CANCELLER
+            self.saw("cancel heard first")
+            return
+        self.send(Cancel("random cancel", by=CANCELLER))
 
     def noise(self, data: st.DataObject) -> None:
         """An operator decision on something not flagged, or a quarantine of a stale copy."""
@@ -1640,21 +2099,33 @@ class Cluster:
             assert_only_recorded(before, t, HistoryKind.IGNORED)
 
 
-def interleave(generated: tuple[Definition, dict[str, Spec]], data: st.DataObject) -> Cluster:
+def interleave(
+    generated: tuple[Definition, dict[str, Spec]],
+    data: st.DataObject,
+    focus: str | None = None,
+    may_cancel: bool | None = None,
+) -> Cluster:
     definition, specs = generated
     policy = Policy(
         crash_budget=data.draw(st.sampled_from([1, 2, 3, 3, 4]), label="crash budget"),
         deadline_grace_s=data.draw(st.sampled_from([0.0, 10.0]), label="grace"),
+        cancel_grace_s=data.draw(st.sampled_from([0.0, 30.0]), label="cancel grace"),
+        refresh_after_deliveries=data.draw(st.sampled_from([2, 3, 5]), label="refresh after"),
     )
-    quarantine_at = policy.crash_budget + data.draw(st.integers(0, 2), label="quarantine at")
+    quarantine_at = data.draw(st.integers(2, 6), label="quarantine at")
     c = Cluster(definition, specs, policy, quarantine_at)
-    c.may_cancel = data.draw(st.integers(0, 4), label="may cancel") == 0
+    c.focus = focus or data.draw(st.sampled_from(["mixed", "crashes", "cancels"]), label="focus")
+    if may_cancel is None:
+        may_cancel = c.focus == "cancels" or data.draw(st.integers(0, 2), label="may cancel") == 0
+    c.may_cancel = may_cancel
     c.send(Start())
-    for _ in range(data.draw(st.integers(0, 80), label="chaotic turns")):
+    least = 30 if c.focus == "crashes" else 0
+    for _ in range(data.draw(st.integers(least, 100), label="chaotic turns")):
         if not c.turn(data, chaos=True):
             break
-    # (d) once the workers answer what they hold and operators resolve every flag, the
-    # instance ends: nothing is lost.
+    # (d) once the workers answer what they hold (a cancel's stops included), its timers fire
+    # and operators resolve every flag, the instance ends: nothing is lost, nothing is stuck
+    # CANCELLING.
     for _ in range(500):
         if c.state.status.is_final or not c.turn(data, chaos=False):
             break
@@ -1664,20 +2135,21 @@ def interleave(generated: tuple[Definition, dict[str, Spec]], data: st.DataObjec
 
 
 @settings(
-    max_examples=200,
+    max_examples=250,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(generated=failover_definitions(), data=st.data())
-def test_any_interleaving_of_results_crashes_and_decisions(
+def test_any_interleaving_of_results_crashes_stops_cancels_and_decisions(
     generated: tuple[Definition, dict[str, Spec]], data: st.DataObject
 ) -> None:
-    """Properties (a) to (g) of the module docstring."""
+    """Properties (a) to (k) of the module docstring."""
     c = interleave(generated, data)
     event(f"ended {c.state.status.value}")
     for what in (
         "flagged",
         "restarted",
+        "isolated",
         "resolved",
         "late_result",
         "claim_refused",
@@ -1686,9 +2158,19 @@ def test_any_interleaving_of_results_crashes_and_decisions(
         "frozen worker reported",
         "duplicate",
         "activity_timed_out",
+        "activity_interrupted",
+        "activity_cancelled",
+        "instance_cancelling",
+        "cancel heard first",
+        "outcome unknown",
+        "outcome stopped",
+        "outcome drained",
+        "outcome runner crashed",
     ):
         n = c.seen.get(what, 0)
         event(f"{what}: {n if n < 3 else '3+'}")
+    flags = {a.flag.kind for a in c.state.activities.values() if a.flag is not None}
+    event(f"flag kinds at the end: {sorted(flags)}")
 
 
 def test_a_late_claim_of_an_older_delivery_is_refused_not_restarted() -> None:

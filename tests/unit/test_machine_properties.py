@@ -6,11 +6,15 @@ retry policies) together with an oracle: which branch each condition must take, 
 activities are on the taken path, what each must wait for, and what each `noop` renders.
 
 A random scheduler then drives the instance: at each turn it answers any outstanding dispatched
-attempt (completed, failed or timed out), or sends noise (a duplicate of an answered result, a
-result of a stale attempt, a result for a step never dispatched, a second Start) or a Cancel.
-Every transition is checked against the oracle. Failures follow each step's retry policy;
-time-outs follow the engine's crash budget instead (a new attempt at once until the budget is
-spent, then TIMED_OUT). Claims and crashes are in test_machine_failover.py.
+attempt (completed, failed with a known or an unknown outcome, timed out, or cut by its worker's
+drain), or sends noise (a duplicate of an answered result, a result of a stale attempt, a result
+for a step never dispatched, a second Start) or a Cancel. Every transition is checked against
+the oracle. Failures follow each step's retry policy whatever their outcome (these activities
+are restartable); time-outs follow the engine's crash budget instead (a new attempt at once
+until the budget is spent, then TIMED_OUT); a drain's cut is charged to nothing (a new attempt at
+once). A cancel finds nothing running (no attempt is ever claimed here): it cancels at once,
+telling the workers to drop what they hold. Claims, crashes and cancels of running activities
+are in test_machine_failover.py.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from paceline_engine.definitions import Definition, parse_definition, resolve_in
 from paceline_engine.events import (
     ActivityCompleted,
     ActivityFailed,
+    ActivityStopped,
     Cancel,
     Dispatch,
     Event,
@@ -36,6 +41,8 @@ from paceline_engine.events import (
     HistoryKind,
     Policy,
     Start,
+    StopCause,
+    StopInstance,
 )
 from paceline_engine.machine import Transition, apply, new_instance
 from paceline_engine.state import InstanceState
@@ -45,6 +52,8 @@ MAX_DEPTH = 3
 FINAL = {InstanceStatus.COMPLETED, InstanceStatus.FAILED, InstanceStatus.CANCELLED}
 CRASH_BUDGET = Policy().crash_budget
 """Time-outs a step may have in all; `apply` is called without a policy, so the default."""
+MAX_DRAINS = 3
+"""Drain cuts the scheduler sends in all (each one is a new attempt, charged to nothing)."""
 
 # --- the generator and its oracle ----------------------------------------------------------------
 
@@ -73,7 +82,8 @@ class Act:
 
     @property
     def most_attempts(self) -> int:
-        """Failures retried by the retry policy plus time-outs retried within the budget."""
+        """Failures retried by the retry policy plus time-outs retried within the budget (plus
+        whatever drains cut: `MAX_DRAINS` in all)."""
         return self.max_attempts + CRASH_BUDGET - 1
 
 
@@ -268,6 +278,8 @@ class Scheduler:
     """Step -> failures (not time-outs) reported for its current attempts so far."""
     timeouts: dict[str, int] = field(default_factory=dict)
     """Step -> time-outs reported so far: its interruptions."""
+    drains: dict[str, int] = field(default_factory=dict)
+    """Step -> attempts cut by a drain's deadline: charged to nothing."""
     cause: str = ""
     """The outcome of the result being sent: what a new attempt in reply is for."""
 
@@ -288,7 +300,9 @@ class Scheduler:
             assert t.decisions == [], (self.finish, t.decisions)
         if finishes:
             (finish,) = finishes
-            assert t.decisions == [finish], "a finishing transition dispatches nothing"
+            stop = [d for d in t.decisions if isinstance(d, StopInstance)]
+            assert t.decisions == [*stop, finish], "a finishing transition dispatches nothing"
+            assert not stop or finish.status is InstanceStatus.CANCELLED
             assert t.state.status is finish.status
             assert finish.status in FINAL
             assert all(a.status.is_final for a in t.state.activities.values())
@@ -317,10 +331,16 @@ class Scheduler:
         assert d.attempt == previous + 1, (d.step, previous, d.attempt)
         # (3) never more attempts than the retry policy and the crash budget allow: failures
         # follow the retry policy, time-outs the crash budget.
-        assert d.attempt <= act.most_attempts
+        assert d.attempt <= act.most_attempts + self.drains.get(d.step, 0)
         assert self.failures.get(d.step, 0) < act.max_attempts
         assert self.timeouts.get(d.step, 0) < CRASH_BUDGET
-        assert d.attempt == 1 + self.failures.get(d.step, 0) + self.timeouts.get(d.step, 0)
+        assert d.attempt == (
+            1
+            + self.failures.get(d.step, 0)
+            + self.timeouts.get(d.step, 0)
+            + self.drains.get(d.step, 0)
+        )
+        assert not d.isolated, "nothing crashed: nothing runs alone"
         # (4) sequence order and the join: everything before it has completed.
         for pred in act.preds:
             assert state.activities[pred].status is ActivityStatus.COMPLETED, (d.step, pred)
@@ -331,9 +351,11 @@ class Scheduler:
         assert d.params == act.params
         assert d.activity_type == act.type
         assert d.restartable is True
-        # A retry after a failure waits for the backoff; a new attempt after a time-out does not.
+        # A retry after a failure waits for the backoff; a new attempt after a time-out or a
+        # drain does not.
         backoff = timedelta(seconds=act.backoff_s)
-        assert d.not_before == (self.now + backoff if self.cause == "failed" else None)
+        failure = self.cause in ("failed", "unknown")
+        assert d.not_before == (self.now + backoff if failure else None)
         activity = state.activities[d.step]
         assert (activity.attempt, activity.status) == (d.attempt, ActivityStatus.SCHEDULED)
         self.dispatched.append((d.step, d.attempt))
@@ -356,8 +378,17 @@ class Scheduler:
         if outcome == "completed":
             output = self.oracle.acts[step].output if step in self.oracle.acts else None
             return ActivityCompleted(step, attempt, output, "w1", when, when)
-        error = ActivityError(kind=outcome, message=f"{step} attempt {attempt}")
+        error = self.error(step, attempt, outcome)
+        if outcome == "drained":
+            return ActivityStopped(step, attempt, StopCause.DRAIN_DEADLINE, error, "w3", when, when)
         return ActivityFailed(step, attempt, error, "w2", when, when, outcome == "timeout")
+
+    @staticmethod
+    def error(step: str, attempt: int, outcome: str) -> ActivityError:
+        unknown = outcome in ("unknown", "timeout", "drained")
+        return ActivityError(
+            kind=outcome, message=f"{step} attempt {attempt}", outcome_unknown=unknown
+        )
 
     def answer(self, step: str, attempt: int, outcome: str) -> None:
         self.outstanding.pop((step, attempt))
@@ -370,7 +401,12 @@ class Scheduler:
         assert (activity.attempt, activity.status) == (attempt, ActivityStatus.SCHEDULED)
         self.real_answers += 1
         act = self.oracle.acts[step]
-        counts = {"failed": self.failures, "timeout": self.timeouts}.get(outcome)
+        counts = {
+            "failed": self.failures,
+            "unknown": self.failures,
+            "timeout": self.timeouts,
+            "drained": self.drains,
+        }.get(outcome)
         if counts is not None:
             counts[step] = counts.get(step, 0) + 1
         self.cause = outcome
@@ -381,11 +417,19 @@ class Scheduler:
             assert after.status is ActivityStatus.COMPLETED
             assert after.output == act.output
             return
-        event_error = ActivityError(kind=outcome, message=f"{step} attempt {attempt}")
-        if outcome == "timeout":
+        event_error = self.error(step, attempt, outcome)
+        if outcome == "drained":
+            # A drain is the operator's doing: a new attempt at once, nothing charged.
+            assert (after.interruptions, after.failures) == (
+                self.timeouts.get(step, 0),
+                self.failures.get(step, 0),
+            )
+            retry_due = True
+        elif outcome == "timeout":
             assert after.interruptions == self.timeouts[step]
             retry_due = self.timeouts[step] < CRASH_BUDGET
         else:
+            # Restartable: an unknown outcome is a failure like any other.
             # However many attempts time-outs took, the retry policy counts failures.
             assert after.failures == self.failures[step]
             retry_due = self.failures[step] < act.max_attempts
@@ -404,12 +448,18 @@ class Scheduler:
     def cancel(self) -> None:
         self.cancel_sent = True
         if self.state.status.is_final:
-            self.noise(Cancel("random cancel"))
+            self.noise(Cancel("random cancel", by="carol"))
             return
         open_steps = {s for s, a in self.state.activities.items() if not a.status.is_final}
-        t = self.send(Cancel("random cancel"))
+        t = self.send(Cancel("random cancel", by="carol"))
         self.cancelled = True
-        assert t.decisions == [Finish(InstanceStatus.CANCELLED)]
+        # Nothing was claimed, so nothing runs: cancelled at once. Workers may hold what was
+        # dispatched (prefetched): they are told to drop it.
+        stop = [StopInstance("carol")] if open_steps else []
+        assert t.decisions == [*stop, Finish(InstanceStatus.CANCELLED)]
+        assert [h.kind for h in t.history] == [HistoryKind.INSTANCE_CANCELLED]
+        assert t.state.cancel is not None
+        assert t.state.cancel.by == "carol"
         for step in open_steps:
             assert t.state.activities[step].status is ActivityStatus.CANCELLED
 
@@ -440,7 +490,7 @@ def test_random_definitions_under_a_random_scheduler(
 
     # Each real answer either ends an attempt for good or leads to the next one, so this is
     # bounded by the path's retry policies and crash budgets; the cap only stops a runaway engine.
-    bound = sum(a.most_attempts for a in oracle.path) + noise_left + 2
+    bound = sum(a.most_attempts for a in oracle.path) + MAX_DRAINS + noise_left + 2
     for _ in range(4 * bound):
         if cancel_at is not None and s.events >= cancel_at and not s.cancel_sent:
             s.cancel()
@@ -450,9 +500,10 @@ def test_random_definitions_under_a_random_scheduler(
             break
         if data.draw(st.sampled_from(kinds), label="turn") == "answer":
             step, attempt = data.draw(st.sampled_from(sorted(s.outstanding)), label="attempt")
-            outcome = data.draw(
-                st.sampled_from(["completed", "completed", "failed", "timeout"]), label="outcome"
-            )
+            outcomes = ["completed", "completed", "failed", "unknown", "timeout"]
+            if sum(s.drains.values()) < MAX_DRAINS:
+                outcomes.append("drained")
+            outcome = data.draw(st.sampled_from(outcomes), label="outcome")
             s.answer(step, attempt, outcome)
         else:
             noise_left -= 1
@@ -464,7 +515,7 @@ def test_random_definitions_under_a_random_scheduler(
     assert not s.outstanding
     assert s.state.status in FINAL, s.state.status
     assert s.finish == Finish(s.state.status)
-    assert s.real_answers <= sum(a.most_attempts for a in oracle.path)
+    assert s.real_answers <= sum(a.most_attempts for a in oracle.path) + MAX_DRAINS
     final = [a for a in s.state.activities.values() if a.status.is_final]
     assert len(final) == len(s.state.activities)
 
@@ -473,6 +524,7 @@ def test_random_definitions_under_a_random_scheduler(
     event(f"conditions and parallels on the path: {bool(oracle.taken)}, {bool(oracle.inside)}")
     event(f"retried: {any(a > 1 for _, a in s.dispatched)}")
     event(f"timed out: {sum(s.timeouts.values()) if sum(s.timeouts.values()) < 3 else '3+'}")
+    event(f"cut by a drain: {sum(s.drains.values())}")
     if s.state.status is InstanceStatus.COMPLETED:
         # (5) every activity on the taken path completed; nothing else was ever dispatched.
         assert set(s.state.activities) == {a.id for a in oracle.path}

@@ -25,9 +25,15 @@ class ActivityError(Message):
 
     kind: str
     """A short machine-readable category: `timeout`, `http_status`, `http_transport`,
-    `exit_code`, `exec`, `bad_params`, `expression`, `adapter`, ..."""
+    `exit_code`, `exec`, `bad_params`, `expression`, `adapter`, and the kinds the engine acts
+    on (`ErrorKind`: `cancelled`, `drain_deadline`, `runner_crashed`)."""
     message: str
     """What happened, for a person."""
+    outcome_unknown: bool = False
+    """The attempt ended without proof that its effect did not happen: a request was sent but
+    no complete answer came, a program was killed by a signal or a time-out, the attempt was
+    stopped while it ran. For a non-restartable activity the engine flags it (DESIGN.md,
+    "Outcome unknown") instead of applying the step's retry policy."""
 
 
 # --- commands: admin -> scheduler -------------------------------------------------------------
@@ -48,6 +54,8 @@ class CancelInstance(Message):
     v: Literal[1] = 1
     instance_id: UUID
     reason: str = "cancelled by an operator"
+    by: str = "operator"
+    """The principal who asked, for the history."""
 
 
 class ResolveActivity(Message):
@@ -104,6 +112,10 @@ class ActivityTask(Message):
     """The effective restartability: the type's default or the author's override."""
     timeout_s: float | None = None
     """Ends the attempt when it runs longer than this."""
+    isolated: bool = False
+    """Run it alone, in a runner process of its own: a worker died while it ran before, so it
+    is a suspect (DESIGN.md, "Crashes are charged to their cause"). Sent on the `suspects`
+    queue; a crash of that runner is charged to this activity alone."""
 
 
 ACTIVITY_TASK = TypeAdapter[ActivityTask](ActivityTask)
@@ -113,20 +125,34 @@ ACTIVITY_TASK = TypeAdapter[ActivityTask](ActivityTask)
 
 
 class ActivityResult(Message):
-    """The end of one attempt, as its worker saw it."""
+    """The end of one attempt, as its worker saw it.
+
+    COMPLETED, FAILED and TIMED_OUT are the adapter's own endings. The worker stopped the other
+    two: CANCELLED (its instance was cancelled: dropped before it started, or stopped while it
+    ran) and INTERRUPTED (a drain's grace deadline cut it, `error.kind` `drain_deadline`; or its
+    isolated runner process died, `runner_crashed`). `error.outcome_unknown` says whether the
+    effect may have happened."""
 
     type: Literal["activity.result"] = "activity.result"
     v: Literal[1] = 1
     instance_id: UUID
     step: str
     attempt: int
-    status: Literal[ActivityStatus.COMPLETED, ActivityStatus.FAILED, ActivityStatus.TIMED_OUT]
+    status: Literal[
+        ActivityStatus.COMPLETED,
+        ActivityStatus.FAILED,
+        ActivityStatus.TIMED_OUT,
+        ActivityStatus.CANCELLED,
+        ActivityStatus.INTERRUPTED,
+    ]
     output: Any = None
     error: ActivityError | None = None
     server_id: str
     """The worker that ran the attempt."""
     started_at: datetime
     finished_at: datetime
+    cancelled_by: str | None = None
+    """For CANCELLED: the principal whose cancel the worker acted on."""
 
 
 class ActivityQuarantined(Message):
@@ -231,6 +257,24 @@ class InstanceChanged(Message):
 
 Event = Annotated[InstanceChanged, Field(discriminator="type")]
 EVENT = TypeAdapter[Event](Event)
+
+
+# --- cancellations: scheduler and admin -> every worker (a stream) ------------------------------
+
+
+class InstanceCancelled(Message):
+    """A cancel was asked for: workers start nothing more of the instance and stop what of it
+    they run. Kept in the `cancellations` stream, so a worker that starts later replays it."""
+
+    type: Literal["instance.cancelled"] = "instance.cancelled"
+    v: Literal[1] = 1
+    instance_id: UUID
+    by: str
+    """The principal who asked."""
+    at: datetime
+
+
+CANCELLATION = TypeAdapter[InstanceCancelled](InstanceCancelled)
 
 
 # --- servers: heartbeats (every server -> scheduler) and control (admin -> one server) ---------

@@ -18,6 +18,32 @@ class Queue(StrEnum):
     """Start claims from the workers to the scheduler; replies go to each worker's own queue."""
     SERVERS = "servers"
     """Heartbeats of every server, recorded by the scheduler in the server registry."""
+    SUSPECTS = "suspects"
+    """Activity messages of suspects (a worker died while they ran, more than once): each is
+    run alone in a runner process of its own, so that a crash is charged to its cause."""
+
+
+class Stream(StrEnum):
+    """A RabbitMQ stream: an append-only log every consumer reads in full, kept for a while."""
+
+    CANCELLATIONS = "cancellations"
+    """Cancel requests, read by every worker; a worker that starts later replays them."""
+
+
+Destination = Queue | Stream
+"""Where a message is published: routed by the value on the namespace's direct exchange."""
+
+
+def stream_name(namespace: str, stream: Stream) -> str:
+    return f"{namespace}.{stream.value}"
+
+
+def destination(value: str) -> Destination:
+    """The queue or stream a stored routing value names; raises ValueError for neither."""
+    try:
+        return Queue(value)
+    except ValueError:
+        return Stream(value)
 
 
 def exchange_name(namespace: str) -> str:

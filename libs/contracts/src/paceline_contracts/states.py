@@ -8,6 +8,8 @@ class InstanceStatus(StrEnum):
     RUNNING = "RUNNING"
     WAITING = "WAITING"
     FLAGGED = "FLAGGED"
+    CANCELLING = "CANCELLING"
+    """A cancel was recorded; it waits for the activities that were running to stop."""
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
@@ -60,3 +62,16 @@ class ServerKind(StrEnum):
     ACTIVITY_WORKER = "activity-worker"
     REPORTING = "reporting"
     ADMIN = "admin"
+
+
+class ErrorKind(StrEnum):
+    """`ActivityError.kind` values the engine acts on (adapters add kinds of their own)."""
+
+    TIMEOUT = "timeout"
+    """The step's own timeout ended the attempt."""
+    CANCELLED = "cancelled"
+    """The worker stopped (or never started) the attempt because its instance was cancelled."""
+    DRAIN_DEADLINE = "drain_deadline"
+    """The attempt still ran when its worker's drain reached the grace deadline."""
+    RUNNER_CRASHED = "runner_crashed"
+    """The isolated runner process of a suspect died while it ran the attempt alone."""

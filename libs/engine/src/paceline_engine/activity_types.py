@@ -49,6 +49,10 @@ class ShellCommandParams(Params):
     argv: list[str] = Field(min_length=1)
     """The program and its arguments; run without a shell."""
     timeout_s: float = Field(default=300.0, gt=0, alias="timeout")
+    """The command's own time-out, apart from the step's."""
+    kill_grace_s: float = Field(default=5.0, ge=0, le=600, alias="kill_grace")
+    """When the command is stopped (its `timeout`, or the attempt cancelled), how long its
+    process group has between SIGTERM and SIGKILL to clean up."""
     env: dict[str, str] = Field(default_factory=dict)
     """Added to the worker's environment."""
     cwd: str | None = None

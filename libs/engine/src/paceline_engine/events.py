@@ -30,6 +30,9 @@ class ActivityCompleted:
 
 @dataclass(frozen=True, slots=True)
 class ActivityFailed:
+    """The adapter ended the attempt without success; `error.outcome_unknown` says whether the
+    effect may have happened anyway."""
+
     step: str
     attempt: int
     error: ActivityError
@@ -37,6 +40,32 @@ class ActivityFailed:
     started_at: datetime
     finished_at: datetime
     timed_out: bool = False
+
+
+class StopCause(StrEnum):
+    """Why a worker stopped an attempt that its adapter had not ended."""
+
+    CANCELLED = "cancelled"
+    """Its instance was cancelled: dropped before it started, or stopped while it ran."""
+    DRAIN_DEADLINE = "drain_deadline"
+    """Its worker's drain reached the grace deadline while it ran."""
+    RUNNER_CRASHED = "runner_crashed"
+    """It ran alone in an isolated runner process, and that process died."""
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityStopped:
+    """A worker stopped an attempt; `error.outcome_unknown` is True when it had started."""
+
+    step: str
+    attempt: int
+    cause: StopCause
+    error: ActivityError
+    server_id: str
+    started_at: datetime
+    finished_at: datetime
+    cancelled_by: str | None = None
+    """For a cancel: who asked, as the worker heard it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,12 +114,14 @@ class Resolve:
 @dataclass(frozen=True, slots=True)
 class Cancel:
     reason: str
+    by: str = "operator"
 
 
 Event = (
     Start
     | ActivityCompleted
     | ActivityFailed
+    | ActivityStopped
     | Claim
     | Quarantined
     | DeadlineExpired
@@ -112,6 +143,8 @@ class Dispatch:
     restartable: bool
     timeout_s: float | None
     not_before: datetime | None = None
+    isolated: bool = False
+    """Run it alone, in a runner process of its own (it is a suspect of a worker's death)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,13 +168,20 @@ class SetDeadline:
 
 
 @dataclass(frozen=True, slots=True)
+class StopInstance:
+    """Tell every worker: start nothing more of this instance, stop what of it runs."""
+
+    by: str
+
+
+@dataclass(frozen=True, slots=True)
 class Finish:
     """The instance reached a final status."""
 
     status: InstanceStatus
 
 
-Decision = Dispatch | AnswerClaim | SetDeadline | Finish
+Decision = Dispatch | AnswerClaim | SetDeadline | StopInstance | Finish
 
 
 class HistoryKind(StrEnum):
@@ -154,14 +194,18 @@ class HistoryKind(StrEnum):
     RESTARTED = "restarted"
     FLAGGED = "flagged"
     RESOLVED = "resolved"
+    ISOLATED = "isolated"
     COMPLETED = "activity_completed"
     FAILED = "activity_failed"
     TIMED_OUT = "activity_timed_out"
+    INTERRUPTED = "activity_interrupted"
+    CANCELLED = "activity_cancelled"
     BRANCH = "branch_taken"
     LATE_RESULT = "late_result"
     IGNORED = "ignored"
     INSTANCE_COMPLETED = "instance_completed"
     INSTANCE_FAILED = "instance_failed"
+    INSTANCE_CANCELLING = "instance_cancelling"
     INSTANCE_CANCELLED = "instance_cancelled"
 
 
@@ -179,7 +223,15 @@ class Policy:
     """Engine settings that are not part of any definition."""
 
     crash_budget: int = 3
-    """Interruptions (redeliveries after a crash, time-outs) a restartable activity may have
-    before it is flagged; apart from the retry policy, which counts failures."""
+    """Interruptions charged to a restartable activity (crashes of its runner while it ran
+    alone, time-outs) before it is flagged; apart from the retry policy, which counts
+    failures. A worker's death is charged to nobody: what it ran become suspects."""
     deadline_grace_s: float = 10.0
     """How long past a step's timeout the scheduler waits for the worker's own report."""
+    cancel_grace_s: float = 30.0
+    """How long a cancel waits for a running activity's worker to confirm it stopped; past it
+    the activity is recorded as cancelled with an unknown outcome."""
+    refresh_after_deliveries: int = 5
+    """A message the broker delivered this often without it running (requeued by crashes and
+    drains while only prefetched) is replaced by a fresh one, before the broker's own
+    delivery limit would dead-letter it."""

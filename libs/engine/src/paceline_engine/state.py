@@ -7,6 +7,7 @@ transition; the admin API reads the same document to show activities.
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -15,19 +16,63 @@ from paceline_contracts.messages import ActivityError
 from paceline_contracts.states import ActivityStatus, InstanceStatus
 
 
+class FlagKind(StrEnum):
+    """Why an activity waits for an operator."""
+
+    REDELIVERED = "redelivered"
+    """The broker handed the attempt to another worker after its holder claimed it: the holder
+    died (or lost its connection) and may have started it."""
+    TIMEOUT = "timeout"
+    """The step's timeout ended an attempt that may have had its effect."""
+    OUTCOME_UNKNOWN = "outcome_unknown"
+    """The adapter ended without proof that the effect did not happen (a request sent with no
+    complete answer, a program killed by a signal or its own timeout)."""
+    DRAIN_DEADLINE = "drain_deadline"
+    """The worker's drain reached its grace deadline while the attempt still ran."""
+    CRASH_BUDGET = "crash_budget"
+    """The attempt crashed its runner while running alone, `PACELINE_CRASH_BUDGET` times."""
+
+
 class Flag(BaseModel):
     """Why an activity waits for an operator: its outcome is unknown."""
 
     model_config = ConfigDict(extra="forbid")
 
     kind: str
-    """`redelivered` (its worker died after claiming it), `timeout`, or `crash_budget`."""
+    """A `FlagKind`."""
     reason: str
     attempt: int
     server_id: str | None = None
     """The server that held the attempt."""
     held_since: datetime | None = None
     flagged_at: datetime
+
+
+class Crash(BaseModel):
+    """An attempt of this activity was running when its runner died."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attempt: int
+    server_id: str | None
+    """The server that held the attempt (the worker, or the worker whose isolated runner it
+    was)."""
+    since: datetime | None = None
+    """When that server claimed the attempt."""
+    detected_at: datetime
+    alone: bool
+    """It ran alone (in an isolated runner): the crash is charged to it. Otherwise it was one
+    of the suspects of a worker's death, and nothing is charged."""
+
+
+class CancelRequest(BaseModel):
+    """A cancel the engine recorded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    by: str
+    reason: str
+    requested_at: datetime
 
 
 class ActivityState(BaseModel):
@@ -55,11 +100,19 @@ class ActivityState(BaseModel):
     claim_delivery: int = 0
     """The broker's delivery count of the holder's copy: an older delivery's claim is stale."""
     interruptions: int = 0
-    """Attempts lost to a crash or a time-out; bounded by the crash budget."""
+    """Attempts charged to the activity itself: crashes of its runner while it ran alone, and
+    time-outs. Bounded by the crash budget."""
     failures: int = 0
     """Attempts that reported a failure; bounded by the step's retry policy."""
     flag: Flag | None = None
     """Set while the activity is INTERRUPTED, waiting for an operator."""
+    isolated: bool = False
+    """The current attempt runs alone, in an isolated runner: it is a suspect."""
+    crashes: list[Crash] = Field(default_factory=list)
+    """The most recent crashes it was part of (at most `MAX_CRASHES_KEPT`), oldest first."""
+
+
+MAX_CRASHES_KEPT = 10
 
 
 class InstanceState(BaseModel):
@@ -78,6 +131,8 @@ class InstanceState(BaseModel):
     finished_at: datetime | None = None
     seq: int = 0
     """Transactions applied so far; orders the events reporting receives."""
+    cancel: CancelRequest | None = None
+    """Set once a cancel is recorded (the instance is CANCELLING or CANCELLED)."""
 
     def expression_context(self) -> dict[str, Any]:
         return {

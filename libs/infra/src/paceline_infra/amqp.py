@@ -24,12 +24,15 @@ from aio_pika.abc import (
 from pydantic import ValidationError
 
 from paceline_contracts.queues import (
+    Destination,
     Queue,
+    Stream,
     control_exchange_name,
     dead_letter_exchange_name,
     dead_queue_name,
     exchange_name,
     queue_name,
+    stream_name,
 )
 from paceline_infra.settings import Settings
 
@@ -38,6 +41,13 @@ log = logging.getLogger(__name__)
 DELIVERY_LIMIT = 20
 """The broker's own backstop against a message that is redelivered forever. Paceline's crash
 budget for activities is enforced below it, by the worker, so the budget can be a setting."""
+STREAM_MAX_AGE = "7D"
+"""How long a stream keeps its messages: a worker that starts later replays this much of the
+cancellations. It matches the consumer timeout `deploy/ensure-services.sh` sets (7 days), the
+longest an activity message may sit unacked."""
+STREAM_SEGMENT_BYTES = 1_000_000
+"""Streams drop whole segments once they are older than `STREAM_MAX_AGE`: small segments make
+that retention close to exact."""
 REASON_HEADER = "x-paceline-reason"
 SOURCE_HEADER = "x-paceline-queue"
 
@@ -96,6 +106,9 @@ async def declare_topology(channel: AbstractChannel, namespace: str) -> None:
         await dead.bind(dlx, routing_key=queue.value)
         live = await open_queue(channel, namespace, queue)
         await live.bind(exchange, routing_key=queue.value)
+    for stream in Stream:
+        log_queue = await open_stream(channel, namespace, stream)
+        await log_queue.bind(exchange, routing_key=stream.value)
 
 
 async def open_queue(channel: AbstractChannel, namespace: str, queue: Queue) -> AbstractQueue:
@@ -104,11 +117,24 @@ async def open_queue(channel: AbstractChannel, namespace: str, queue: Queue) -> 
     )
 
 
+async def open_stream(channel: AbstractChannel, namespace: str, stream: Stream) -> AbstractQueue:
+    """A stream, declared with the same arguments everywhere (a mismatch is refused)."""
+    return await channel.declare_queue(
+        stream_name(namespace, stream),
+        durable=True,
+        arguments={
+            "x-queue-type": "stream",
+            "x-max-age": STREAM_MAX_AGE,
+            "x-stream-max-segment-size-bytes": STREAM_SEGMENT_BYTES,
+        },
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Outgoing:
     """One message to publish."""
 
-    queue: Queue
+    queue: Destination
     body: bytes
     message_type: str
     message_id: str

@@ -22,7 +22,7 @@ import asyncpg
 import orjson
 from pydantic import BaseModel
 
-from paceline_contracts.queues import Queue
+from paceline_contracts.queues import Destination, destination
 from paceline_infra.amqp import Outgoing, Publisher
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ GRACE_S = 5.0
 
 @dataclass(frozen=True, slots=True)
 class OutboxMessage:
-    queue: Queue
+    queue: Destination
     body: bytes
     message_type: str
     headers: Mapping[str, str] = field(default_factory=dict)
@@ -44,7 +44,7 @@ class OutboxMessage:
     @classmethod
     def of(
         cls,
-        queue: Queue,
+        queue: Destination,
         message: BaseModel,
         headers: Mapping[str, str] | None = None,
         not_before: datetime | None = None,
@@ -152,7 +152,11 @@ class Relay:
                 return 0
             messages = [
                 Outgoing(
-                    Queue(r["queue"]), r["body"], r["message_type"], str(r["id"]), r["headers"]
+                    destination(r["queue"]),
+                    r["body"],
+                    r["message_type"],
+                    str(r["id"]),
+                    r["headers"],
                 )
                 for r in rows
             ]

@@ -5,6 +5,18 @@ An adapter is `async def (params) -> output`, where `params` is the type's param
 result). An activity-level failure is an `ActivityFailure`; anything else an adapter raises is a
 bug. The worker applies the step's own time-out and cancels adapters, so every adapter lets
 `CancelledError` through and leaves nothing running behind it.
+
+Each adapter classifies its own endings (DESIGN.md, "Outcome unknown"), because only it knows
+how far it got:
+
+- a known failure proves the effect did not happen (nothing was sent, the program could not
+  start): the step's `retry` may repeat it;
+- a known outcome is an answer (a status, an exit code): success or a failure, as the step says;
+- an unknown outcome (a request sent with no complete answer, a program killed by a signal or
+  by its own time-out) is an `OutcomeUnknown`: a non-restartable activity is flagged, never
+  retried automatically.
+
+`sleep` and `noop` have no effect to lose and only ever succeed (or are cancelled).
 """
 
 from __future__ import annotations
@@ -40,23 +52,48 @@ HTTP_BODY_CAP = 1024 * 1024
 _STDERR_TAIL = 200
 _CHUNK = 64 * 1024
 _REAP_GRACE_S = 2.0
+_POLL_S = 0.05
 
 
 class ActivityFailure(Exception):
-    """An activity failed in a way its author should see: a bad status, exit code, time-out..."""
+    """An activity failed in a way its author should see: a bad status, exit code, time-out...
 
-    def __init__(self, kind: str, message: str) -> None:
-        # Both go to Exception so that the exception pickles and reprs with its arguments.
+    `outcome_unknown` is False when the failure proves the effect did not happen (or is an
+    answer), True when it may have happened: the engine then flags a non-restartable activity
+    instead of applying the step's retry policy. Raise `OutcomeUnknown` for the latter.
+    """
+
+    def __init__(self, kind: str, message: str, *, outcome_unknown: bool = False) -> None:
+        # kind and message go to Exception so that the exception reprs with its arguments and
+        # pickles (outcome_unknown travels in the instance's __dict__, restored after __init__).
         super().__init__(kind, message)
         self.kind = kind
         self.message = message
+        self.outcome_unknown = outcome_unknown
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.message}"
 
+    def __repr__(self) -> str:
+        args = f"{self.kind!r}, {self.message!r}"
+        if self.outcome_unknown and not isinstance(self, OutcomeUnknown):
+            args += ", outcome_unknown=True"
+        return f"{type(self).__name__}({args})"
+
     def to_error(self) -> ActivityError:
         """The failure as it goes into an `ActivityResult`."""
-        return ActivityError(kind=self.kind, message=self.message)
+        return ActivityError(
+            kind=self.kind, message=self.message, outcome_unknown=self.outcome_unknown
+        )
+
+
+class OutcomeUnknown(ActivityFailure):
+    """An activity ended without proof that its effect did not happen: a request sent with no
+    complete answer, a program killed by a signal or by its own time-out. Never retried
+    automatically when the activity is not restartable."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(kind, message, outcome_unknown=True)
 
 
 async def run_activity(
@@ -120,13 +157,32 @@ async def http_request(params: HttpRequestParams, *, http: httpx.AsyncClient) ->
 
     `json` holds the parsed body when the response says it is JSON and it parses, `text` the
     body otherwise. Only the first `HTTP_BODY_CAP` bytes are kept; a longer body gives `text`
-    cut there and `"truncated": true`. Fails with `http_status` for a status not in
-    `expected_status`, `http_timeout` when `timeout` passes, and `http_transport` when the
-    request cannot be made or the response cannot be read. Error messages carry the URL without
-    its user info and never the request's header values.
+    cut there and `"truncated": true`. Error messages carry the URL without its user info and
+    never the request's header values.
+
+    How it ends, told apart by httpcore's request trace (`_Exchange`), not guessed from
+    exception types:
+
+    | ending                                       | raises              | means         |
+    | -------------------------------------------- | ------------------- | ------------- |
+    | a status in `expected_status` (any if unset) | nothing: the output | known outcome |
+    | another status                               | `http_status`       | known outcome |
+    | status received, then the body failed or     | `http_transport`/   | known outcome |
+    | `timeout` passed                             | `http_timeout`      |               |
+    | bad URL or port, non-ASCII header value      | `bad_params`        | known failure |
+    | a header value h11 refuses to encode         | `http_transport`    | known failure |
+    | not sent: DNS, refused, TLS, proxy, connect  | `http_transport`/   | known failure |
+    | or pool time-out, `timeout` before sending   | `http_timeout`      |               |
+    | sent, no complete status line and headers:   | `OutcomeUnknown`:   | unknown       |
+    | `timeout`, reset, closed, garbled            | `http_timeout`/     |               |
+    |                                              | `http_transport`    |               |
+
+    "Sent" starts when httpcore starts writing the request head (a head h11 refuses fails
+    before its write). A server's answer, even an error status, is a known outcome.
     """
     where = f"{params.method} {_strip_userinfo(params.url)}"
     secrets = _secrets(params)
+    exchange = _Exchange()
     try:
         request = http.build_request(
             params.method,
@@ -134,6 +190,7 @@ async def http_request(params: HttpRequestParams, *, http: httpx.AsyncClient) ->
             headers=params.headers,
             json=params.json_body,
             timeout=httpx.Timeout(params.timeout_s),
+            extensions={"trace": exchange.trace},
         )
     except UnicodeEncodeError:
         # httpx encodes header values as ASCII; its error would quote part of the value.
@@ -145,23 +202,23 @@ async def http_request(params: HttpRequestParams, *, http: httpx.AsyncClient) ->
         # Left to the transport, this surfaces as an ExceptionGroup from deep inside anyio.
         raise ActivityFailure("bad_params", f"{where}: port {port} is out of range")
 
+    response: httpx.Response | None = None
     try:
         # httpx's timeout bounds each read and write; this bounds the whole exchange, so a
         # server trickling bytes cannot hold the request open past `timeout`.
         async with asyncio.timeout(params.timeout_s):
             response = await http.send(request, stream=True)
+            exchange.answered = True
             try:
                 _check_status(where, response.status_code, params.expected_status)
                 body, truncated = await _read_capped(response)
             finally:
                 await response.aclose()
     except (TimeoutError, httpx.TimeoutException) as exc:
-        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        message = f"{where}: no response within {params.timeout_s:g}s ({detail})"
-        raise ActivityFailure("http_timeout", _redact(message, secrets)) from None
+        within = f" within {params.timeout_s:g}s"
+        raise exchange.failure("http_timeout", where, within, exc, response, secrets) from None
     except httpx.HTTPError as exc:
-        message = f"{where}: {type(exc).__name__}: {exc}"
-        raise ActivityFailure("http_transport", _redact(message, secrets)) from None
+        raise exchange.failure("http_transport", where, "", exc, response, secrets) from None
 
     output: dict[str, Any] = {
         "status": response.status_code,
@@ -177,6 +234,84 @@ async def http_request(params: HttpRequestParams, *, http: httpx.AsyncClient) ->
     if truncated:
         output["truncated"] = True
     return output
+
+
+class _Exchange:
+    """How far one request got, from httpcore's `trace` extension.
+
+    httpcore calls `trace` with "<part>.<step>.started|complete|failed", part being
+    `connection` (connect_tcp, start_tls...), `proxy`, `http11` or `http2`; the steps that
+    matter are `send_request_headers` (the request starts to leave) and
+    `receive_response_headers` (the status line and headers arrived).
+    """
+
+    def __init__(self) -> None:
+        self.sent = False
+        """The request head started to be written: the server may have seen the request."""
+        self.answered = False
+        """The response's status line and headers arrived."""
+        self._tunnel = False
+        self._head_error: BaseException | None = None
+
+    async def trace(self, event: str, info: dict[str, Any]) -> None:
+        request = info.get("request")
+        if request is not None:
+            # Through a proxy, https goes in a CONNECT tunnel whose request passes the same
+            # steps with the same extensions: its answer is the proxy's, not the server's.
+            # Only `started` events carry the request; the events after it are its own.
+            self._tunnel = request.method == b"CONNECT"
+        if self._tunnel:
+            return
+        step = event.partition(".")[2]
+        if step == "send_request_headers.started":
+            self.sent = True
+        elif step == "send_request_headers.failed":
+            self._head_error = info.get("exception")
+        elif step == "receive_response_headers.complete":
+            self.answered = True
+
+    def nothing_sent(self, exc: BaseException) -> bool:
+        """Whether `exc`, which ended the request, proves that none of it left."""
+        if not self.sent:
+            return True
+        # h11 encodes the whole head, checking it, before its one write: a LocalProtocolError
+        # that failed send_request_headers (an illegal header value) came before any byte left.
+        # httpx raises its own error `from` httpcore's.
+        return (
+            isinstance(exc, httpx.LocalProtocolError)
+            and self._head_error is not None
+            and exc.__cause__ is self._head_error
+        )
+
+    def failure(
+        self,
+        kind: str,
+        where: str,
+        within: str,
+        exc: BaseException,
+        response: httpx.Response | None,
+        secrets: Iterable[str],
+    ) -> ActivityFailure:
+        """The failure of an exchange that `exc` ended, by how far it got; `within` is
+        " within 2s" for a time-out, "" otherwise."""
+        detail = _detail(exc)
+        unknown = False
+        if self.answered:
+            # The server answered: whatever it did, it decided, and said so in the status.
+            status = f"status {response.status_code}" if response is not None else "an answer"
+            message = f"{where}: {status} received, body incomplete{within} ({detail})"
+        elif self.nothing_sent(exc):
+            message = f"{where}: not sent{within} ({detail})"
+        else:
+            missing = "response" if within else "complete response"
+            message = f"{where}: sent, no {missing}{within} ({detail}): outcome unknown"
+            unknown = True
+        message = _redact(message, secrets)
+        return OutcomeUnknown(kind, message) if unknown else ActivityFailure(kind, message)
+
+
+def _detail(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _check_status(where: str, status: int, expected: int | list[int] | None) -> None:
@@ -265,10 +400,23 @@ async def shell_command(params: ShellCommandParams) -> dict[str, Any]:
     The program runs in `cwd` with the worker's environment plus `env`, stdin from /dev/null,
     in a session (and so a process group) of its own. stdout and stderr are each cut to
     `max_output_bytes`, with `"stdout_truncated": true` / `"stderr_truncated": true` when cut.
-    A program killed by a signal has the negative signal number as its exit code. Fails with
-    `exec` when the program cannot be started, `timeout` when it runs past `timeout` (its
-    process group is killed), and `exit_code` for a code not in `expected_exit_codes`. When
-    cancelled, kills the process group before letting the cancellation through.
+    A program killed by a signal has the negative signal number as its exit code.
+
+    | ending                                              | raises                 | means         |
+    | --------------------------------------------------- | ---------------------- | ------------- |
+    | exited with a code in `expected_exit_codes`         | nothing: the output    | known outcome |
+    | exited with another code                            | `exit_code`            | known outcome |
+    | killed by a signal not in `expected_exit_codes`     | `OutcomeUnknown`:      | unknown       |
+    |                                                     | `exit_code`            |               |
+    | could not start (no such program, not executable,   | `exec`                 | known failure |
+    | bad `cwd`)                                          |                        |               |
+    | still running at `timeout` (its group stopped)      | `OutcomeUnknown`:      | unknown       |
+    |                                                     | `timeout`              |               |
+    | cancelled (its group stopped)                       | `CancelledError`       | (the worker's)|
+
+    On its `timeout`, and when cancelled, the process group is stopped before the adapter
+    returns: SIGTERM, up to `kill_grace` seconds for the group to end, SIGKILL to what is left.
+    A second cancellation during the grace cuts it short, never the SIGKILL.
     """
     program = params.argv[0]
     try:
@@ -279,7 +427,7 @@ async def shell_command(params: ShellCommandParams) -> dict[str, Any]:
             stderr=asyncio.subprocess.PIPE,
             env={**os.environ, **params.env},
             cwd=params.cwd,
-            # Its own process group, so that killing it also kills what it started.
+            # Its own process group, so that stopping it also stops what it started.
             start_new_session=True,
         )
     except (OSError, ValueError) as exc:
@@ -287,20 +435,33 @@ async def shell_command(params: ShellCommandParams) -> dict[str, Any]:
 
     stdout = _Capture(params.max_output_bytes)
     stderr = _Capture(params.max_output_bytes)
+    # The pipes are read by tasks of their own, which go on while the group is being stopped:
+    # a program cleaning up on SIGTERM must not block on a full pipe.
+    readers = [
+        asyncio.create_task(stdout.drain(proc.stdout)),
+        asyncio.create_task(stderr.drain(proc.stderr)),
+    ]
     try:
-        async with asyncio.timeout(params.timeout_s):
-            async with asyncio.TaskGroup() as readers:
-                readers.create_task(stdout.drain(proc.stdout))
-                readers.create_task(stderr.drain(proc.stderr))
-            exit_code = await proc.wait()
-    except TimeoutError:
-        await _kill_group(proc)
-        message = f"{program!r} still running after {params.timeout_s:g}s; killed"
-        raise ActivityFailure("timeout", message + _tail(stderr)) from None
-    except BaseException:
-        # Cancelled (or a bug): the process must not outlive the attempt.
-        await _kill_group(proc)
-        raise
+        try:
+            async with asyncio.timeout(params.timeout_s):
+                done, _ = await asyncio.wait(readers, return_when=asyncio.FIRST_EXCEPTION)
+                for reader in done:
+                    reader.result()  # a reader's error (a bug) goes on from here
+                exit_code = await proc.wait()
+        except TimeoutError:
+            killed = await _stop_group(proc, params.kill_grace_s, readers)
+            how = f"SIGKILL after {params.kill_grace_s:g}s" if killed else "SIGTERM"
+            message = f"{program!r} still running after {params.timeout_s:g}s; stopped by {how}"
+            raise OutcomeUnknown("timeout", f"{message}: outcome unknown{_tail(stderr)}") from None
+        except BaseException:
+            # Cancelled (or a bug): the process must not outlive the attempt.
+            await _stop_group(proc, params.kill_grace_s, readers)
+            raise
+    finally:
+        # Only left running when a process that left the group still holds a pipe.
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
 
     output: dict[str, Any] = {
         "exit_code": exit_code,
@@ -312,18 +473,73 @@ async def shell_command(params: ShellCommandParams) -> dict[str, Any]:
     if stderr.truncated:
         output["stderr_truncated"] = True
     if exit_code not in params.expected_exit_codes:
+        if exit_code < 0:
+            # Killed from outside (an operator, the OOM killer...) at an unknown point of its work.
+            message = f"{program!r} {_exit_status(exit_code)}: outcome unknown{_tail(stderr)}"
+            raise OutcomeUnknown("exit_code", message)
         raise ActivityFailure("exit_code", f"{program!r} {_exit_status(exit_code)}{_tail(stderr)}")
     return output
 
 
-async def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    # Give the exit a moment to be collected. A grandchild that left the group can keep the
-    # pipes open, and Process.wait() waits for those too, so this is bounded.
+async def _stop_group(
+    proc: asyncio.subprocess.Process, grace: float, readers: list[asyncio.Task[None]]
+) -> bool:
+    """Stop `proc`'s process group: SIGTERM, up to `grace` seconds for it to end, SIGKILL to
+    what is left. Then wait, at most `_REAP_GRACE_S`, for the exit and the last output.
+    Returns whether SIGKILL was needed."""
+    loop = asyncio.get_running_loop()
+    killed = False
+    try:
+        _signal_group(proc, signal.SIGTERM)
+        deadline = loop.time() + grace
+        # Polled: nothing tells of the end of a group whose members are not our children.
+        while _group_running(proc) and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(_POLL_S)
+    finally:
+        # Also when the wait above is cancelled: nothing of the group may outlive the attempt.
+        if _group_running(proc):
+            _signal_group(proc, signal.SIGKILL)
+            killed = True
+    # A grandchild that left the group can keep the pipes open, and Process.wait() waits for
+    # those too, so this is bounded.
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(_REAP_GRACE_S):
             await proc.wait()
+            await asyncio.wait(readers)
+    return killed
+
+
+def _signal_group(proc: asyncio.subprocess.Process, signum: signal.Signals) -> None:
+    # start_new_session: the program leads a group of its own, whose id is its pid.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signum)
+
+
+def _group_running(proc: asyncio.subprocess.Process) -> bool:
+    """Whether a process of `proc`'s group still runs. A zombie does not: it is only waiting to
+    be reaped, and in a container nothing may ever reap an orphan."""
+    if proc.returncode is None:
+        return True  # the program itself; the usual case, found without a scan
+    try:
+        os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        pids = [entry for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:
+        return True  # no /proc: count zombies as running; the grace bounds the wait
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+                state, _, pgrp = stat.read().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if int(pgrp) == proc.pid and state not in ("Z", "X"):
+            return True
+    return False
 
 
 def _exit_status(code: int) -> str:

@@ -7,6 +7,13 @@ settles. Messages beyond the concurrency are only prefetched: never claimed, so 
 run them if this worker dies. If the broker redelivers an attempt this worker is still running
 (its channel was replaced), the new delivery is acked with the running one, never run twice
 here; an attempt it already finished gets its result again.
+
+Suspects (messages from the `suspects` queue) run alone, in a runner process of their own
+(isolation.py), outside the slots. Nothing of a cancelled instance starts: the task looks its
+instance up in `Cancellations` before it claims and again before the adapter starts; what is
+running when a cancel arrives is stopped (`stop_instance`), and so is what still runs when a
+drain reaches its grace deadline. A stopped attempt is reported (CANCELLED, or INTERRUPTED for
+a drain), with whether it had started: its effect may have happened.
 """
 
 from __future__ import annotations
@@ -33,18 +40,24 @@ from paceline_contracts.messages import (
     ActivityResult,
     ActivityTask,
     InFlightActivity,
+    InstanceCancelled,
 )
 from paceline_contracts.queues import Queue
-from paceline_contracts.states import ActivityStatus
+from paceline_contracts.states import ActivityStatus, ErrorKind
 from paceline_infra import telemetry
 from paceline_infra.amqp import Outgoing, Publisher, invalid_reason
 from paceline_worker.adapters import ActivityFailure, run_activity
+from paceline_worker.cancellations import Cancellations
 from paceline_worker.claims import Claimer
+from paceline_worker.isolation import RunnerCrashed, run_isolated
 
 log = logging.getLogger(__name__)
 
 AttemptKey = tuple[uuid.UUID, str, int]
+Ending = tuple[ActivityStatus, Any, ActivityError | None]
 _FINISHED_KEPT = 10_000
+_STOP_WAIT_S = 20.0
+"""How long a drain waits for stopped activities to report, after their grace deadline."""
 
 
 @dataclass(slots=True, eq=False)  # compared and hashed by identity: one per delivery
@@ -53,9 +66,13 @@ class _InFlight:
     deliveries: list[AbstractIncomingMessage]
     redelivered: bool
     delivery_count: int
+    source: Queue
     runner: asyncio.Task[None] | None = None
     started: bool = False
     """The adapter was started: from here on, cancelling it may leave an effect behind."""
+    adapter: asyncio.Task[Any] | None = None
+    stop: ActivityStatus | None = None
+    """Why this worker stopped the adapter: CANCELLED (a cancel) or INTERRUPTED (a drain)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +89,7 @@ class ActivityRunner:
     def __init__(
         self, config: RunnerConfig, publisher: Publisher, claimer: Claimer, http: httpx.AsyncClient
     ) -> None:
+        self.cancellations = Cancellations(config.server_id, self.stop_instance)
         self._server_id = config.server_id
         self._max_deliveries = config.max_deliveries
         self._slots = asyncio.Semaphore(config.concurrency)
@@ -94,26 +112,48 @@ class ActivityRunner:
             for f in self._flights
         ]
 
+    def stop_instance(self, cancel: InstanceCancelled) -> None:
+        """A cancel: stop what of the instance runs here (what waits will not start)."""
+        for flight in list(self._flights):
+            if flight.task.instance_id != cancel.instance_id:
+                continue
+            if flight.adapter is not None and not flight.adapter.done() and flight.stop is None:
+                log.info(
+                    "stopping %s/%s attempt %d: its instance was cancelled by %s",
+                    cancel.instance_id,
+                    flight.task.step,
+                    flight.task.attempt,
+                    cancel.by,
+                )
+                flight.stop = ActivityStatus.CANCELLED
+                flight.adapter.cancel()
+
     async def on_message(self, message: AbstractIncomingMessage) -> None:
+        await self._take(message, Queue.ACTIVITIES)
+
+    async def on_suspect(self, message: AbstractIncomingMessage) -> None:
+        await self._take(message, Queue.SUSPECTS)
+
+    async def _take(self, message: AbstractIncomingMessage, source: Queue) -> None:
         try:
-            await self._receive(message)
+            await self._receive(message, source)
         except Exception:
             # E.g. the publisher's channel is not restored yet after a broker restart.
             log.exception("could not take an activity message; it goes back to the queue")
             with contextlib.suppress(Exception):
                 await message.nack(requeue=True)
 
-    async def _receive(self, message: AbstractIncomingMessage) -> None:
+    async def _receive(self, message: AbstractIncomingMessage, source: Queue) -> None:
         try:
             task = ACTIVITY_TASK.validate_json(message.body)
         except ValidationError as exc:
             await self._publisher.dead_letter(
-                Queue.ACTIVITIES, message, invalid_reason("activity message", exc)
+                source, message, invalid_reason("activity message", exc)
             )
             return
         delivery_count = _delivery_count(message)
         if delivery_count >= self._max_deliveries:
-            await self._quarantine(task, message, delivery_count + 1)
+            await self._quarantine(task, message, delivery_count + 1, source)
             return
         redelivered = message.redelivered or delivery_count > 0
         if task.restartable and not redelivered:
@@ -125,12 +165,12 @@ class ActivityRunner:
             if (result := self._finished.get(key)) is not None:
                 self._spawn(self._settle([message], result))
                 return
-        flight = _InFlight(task, [message], redelivered, delivery_count)
+        flight = _InFlight(task, [message], redelivered, delivery_count, source)
         self._flights.add(flight)
         flight.runner = asyncio.create_task(self._run(flight, message.headers))
 
     async def _quarantine(
-        self, task: ActivityTask, message: AbstractIncomingMessage, deliveries: int
+        self, task: ActivityTask, message: AbstractIncomingMessage, deliveries: int, source: Queue
     ) -> None:
         """A poison message: it took a worker down again and again. Tell the scheduler (which
         flags the activity), then move it to the dead-letter queue instead of running it."""
@@ -151,7 +191,7 @@ class ActivityRunner:
             )
         )
         await self._publisher.dead_letter(
-            Queue.ACTIVITIES,
+            source,
             message,
             f"crash budget exhausted: delivered {deliveries} times, a worker went down each time",
         )
@@ -163,14 +203,17 @@ class ActivityRunner:
 
     async def _run(self, flight: _InFlight, headers: Any) -> None:
         try:
-            async with self._slots:
+            # A suspect runs in a process of its own, outside the slots: it never waits behind
+            # long activities, and it takes nothing of this worker down if it crashes.
+            slot = contextlib.nullcontext() if flight.task.isolated else self._slots
+            async with slot:
                 outcome = await self._claim_and_execute(flight, headers)
             if outcome is not None:
                 key, result = outcome
                 self._finished[key] = result
                 while len(self._finished) > _FINISHED_KEPT:
                     self._finished.popitem(last=False)
-                del self._running[key]
+                self._running.pop(key, None)
                 await self._settle(flight.deliveries, result)
         finally:
             self._flights.discard(flight)
@@ -195,7 +238,10 @@ class ActivityRunner:
             },
         ) as span:
             attempt = task.attempt
-            if not task.restartable or flight.redelivered:
+            if (cancel := self.cancellations.get(task.instance_id)) is not None:
+                span.add_event("not started: its instance was cancelled", {"by": cancel.by})
+                return (task.instance_id, task.step, attempt), self._dropped(task, cancel)
+            if not task.restartable or flight.redelivered or task.isolated:
                 # Only the scheduler knows what happened to this attempt since this copy was
                 # sent (restarted elsewhere? flagged?): ask, and run what it grants.
                 reply = await self._claimer.claim(
@@ -213,7 +259,7 @@ class ActivityRunner:
                     if reply.quarantine:
                         for delivery in flight.deliveries:
                             await self._publisher.dead_letter(
-                                Queue.ACTIVITIES,
+                                flight.source,
                                 delivery,
                                 f"crash budget exhausted: {reply.reason}",
                             )
@@ -243,12 +289,17 @@ class ActivityRunner:
                         attempt,
                     )
                     return None
+            if (cancel := self.cancellations.get(task.instance_id)) is not None:
+                # Claimed (or noticed) before the cancel reached this worker: not started.
+                span.add_event("not started: its instance was cancelled", {"by": cancel.by})
+                return key, self._dropped(task, cancel, attempt)
             self._running[key] = flight
             span.set_attribute("paceline.attempt.run", attempt)
             flight.started = True
             started_at = datetime.now(UTC)
-            status, output, error = await self._execute(task)
+            status, output, error = await self._execute(flight)
             span.set_attribute("paceline.activity.status", status.value)
+            cancel = self.cancellations.get(task.instance_id)
             report = ActivityResult(
                 instance_id=task.instance_id,
                 step=task.step,
@@ -259,29 +310,75 @@ class ActivityRunner:
                 server_id=self._server_id,
                 started_at=started_at,
                 finished_at=datetime.now(UTC),
+                cancelled_by=cancel.by if cancel and status is ActivityStatus.CANCELLED else None,
             )
-            return key, Outgoing(
-                Queue.RESULTS,
-                report.model_dump_json().encode(),
-                report.type,
-                uuid.uuid4().hex,
-                telemetry.inject(),
-            )
+            return key, self._outgoing(report)
 
-    async def _execute(
-        self, task: ActivityTask
-    ) -> tuple[ActivityStatus, Any, ActivityError | None]:
+    def _dropped(
+        self, task: ActivityTask, cancel: InstanceCancelled, attempt: int | None = None
+    ) -> Outgoing:
+        """The report of an attempt not started because its instance was cancelled."""
+        log.info(
+            "not starting %s/%s attempt %d: its instance was cancelled by %s",
+            task.instance_id,
+            task.step,
+            task.attempt,
+            cancel.by,
+        )
+        now = datetime.now(UTC)
+        report = ActivityResult(
+            instance_id=task.instance_id,
+            step=task.step,
+            attempt=attempt if attempt is not None else task.attempt,
+            status=ActivityStatus.CANCELLED,
+            error=ActivityError(
+                kind=ErrorKind.CANCELLED, message=f"not started: cancelled by {cancel.by}"
+            ),
+            server_id=self._server_id,
+            started_at=now,
+            finished_at=now,
+            cancelled_by=cancel.by,
+        )
+        return self._outgoing(report)
+
+    def _outgoing(self, report: ActivityResult) -> Outgoing:
+        return Outgoing(
+            Queue.RESULTS,
+            report.model_dump_json().encode(),
+            report.type,
+            uuid.uuid4().hex,
+            telemetry.inject(),
+        )
+
+    async def _adapter(self, task: ActivityTask) -> Any:
+        if task.isolated:
+            return await run_isolated(task)
+        return await run_activity(task.activity_type, task.params, http=self._http)
+
+    async def _execute(self, flight: _InFlight) -> Ending:
+        task = flight.task
+        # Its own task, so that a cancel or a drain can stop the adapter and nothing else.
+        flight.adapter = asyncio.create_task(self._adapter(task))
         try:
             async with asyncio.timeout(task.timeout_s):
-                output = await run_activity(task.activity_type, task.params, http=self._http)
+                output = await flight.adapter
         except TimeoutError:
+            message = f"ran longer than its timeout of {task.timeout_s:g}s; stopped"
             return (
                 ActivityStatus.TIMED_OUT,
                 None,
-                ActivityError(
-                    kind="timeout", message=f"ran longer than its timeout of {task.timeout_s:g}s"
-                ),
+                ActivityError(kind=ErrorKind.TIMEOUT, message=message, outcome_unknown=True),
             )
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if flight.stop is None or (current is not None and current.cancelling()):
+                raise  # this worker itself is being stopped, not only the adapter
+            return _stopped(flight.stop, self._server_id)
+        except RunnerCrashed as crash:
+            error = ActivityError(
+                kind=ErrorKind.RUNNER_CRASHED, message=str(crash), outcome_unknown=True
+            )
+            return ActivityStatus.INTERRUPTED, None, error
         except ActivityFailure as failure:
             return ActivityStatus.FAILED, None, failure.to_error()
         except Exception as exc:
@@ -319,8 +416,9 @@ class ActivityRunner:
 
     async def drain(self, grace_s: float) -> int:
         """Friendly shutdown: hand back what has not started at once; give what has started
-        up to `grace_s` to finish; cancel the rest, left unacked for the broker to hand to a
-        survivor under the failover rule. Returns how many were cancelled while running."""
+        up to `grace_s` to finish; stop the rest and report them as cut by the drain (their
+        effect may have happened: the scheduler runs a restartable one again and flags the
+        others). Returns how many were stopped while running."""
         waiting = [f for f in self._flights if not f.started]
         for flight in waiting:
             if flight.runner is not None:
@@ -332,13 +430,22 @@ class ActivityRunner:
                     await delivery.nack(requeue=True)
                 except Exception:
                     log.debug("nack failed", exc_info=True)
-        running = [f.runner for f in self._flights if f.runner and f.started]
+        running = {f.runner: f for f in self._flights if f.runner and f.started}
         if not running:
             return 0
         _, pending = await asyncio.wait(running, timeout=grace_s)
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        for runner in pending:
+            flight = running[runner]
+            if flight.adapter is not None and not flight.adapter.done() and flight.stop is None:
+                flight.stop = ActivityStatus.INTERRUPTED
+                flight.adapter.cancel()
+        if pending:
+            # Each stopped adapter reports; one that cannot (the broker is away) stays unacked,
+            # and the broker hands it to a survivor under the failover rule.
+            _, stuck = await asyncio.wait(pending, timeout=_STOP_WAIT_S)
+            for runner in stuck:
+                runner.cancel()
+            await asyncio.gather(*stuck, return_exceptions=True)
         return len(pending)
 
 
@@ -353,3 +460,20 @@ def _delivery_count(message: AbstractIncomingMessage) -> int:
     """Earlier deliveries of this message that were not acked (quorum queues count them)."""
     count = (message.headers or {}).get("x-delivery-count")
     return count if isinstance(count, int) else 0
+
+
+def _stopped(why: ActivityStatus, server_id: str) -> Ending:
+    """The report of an adapter this worker stopped while it ran: its effect may have happened."""
+    if why is ActivityStatus.CANCELLED:
+        error = ActivityError(
+            kind=ErrorKind.CANCELLED,
+            message=f"stopped while running on {server_id}: its instance was cancelled",
+            outcome_unknown=True,
+        )
+    else:
+        error = ActivityError(
+            kind=ErrorKind.DRAIN_DEADLINE,
+            message=f"still running on {server_id} when its drain reached the grace deadline",
+            outcome_unknown=True,
+        )
+    return why, None, error

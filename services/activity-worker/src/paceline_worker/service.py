@@ -39,16 +39,24 @@ async def serve(settings: WorkerSettings, identity: ServerIdentity, stop: asynci
             )
             await presence.open(connection, settings.namespace, stop)
             beating = asyncio.create_task(presence.run(), name="presence")
+            # Every cancel asked so far is known before the first activity is taken.
+            await runner.cancellations.open(connection, settings.namespace, publisher)
             channel = await connection.channel()
             await channel.set_qos(
                 prefetch_count=settings.worker_prefetch or settings.worker_concurrency
             )
             queue = await amqp.open_queue(channel, settings.namespace, Queue.ACTIVITIES)
             tag = await queue.consume(runner.on_message, no_ack=False)
+            # One suspect at a time: each runs alone in a process of its own.
+            suspects_channel = await connection.channel()
+            await suspects_channel.set_qos(prefetch_count=1)
+            suspects = await amqp.open_queue(suspects_channel, settings.namespace, Queue.SUSPECTS)
+            suspects_tag = await suspects.consume(runner.on_suspect, no_ack=False)
             log.info("worker %s ready: concurrency %d", identity.id, settings.worker_concurrency)
             await stop.wait()
             # Friendly shutdown (SIGTERM or a drain): take nothing new, finish what runs.
             await queue.cancel(tag)
+            await suspects.cancel(suspects_tag)
             await presence.announce(ServerStatus.DRAINING)
             log.info(
                 "draining %d in-flight activities (grace %.0fs)",

@@ -6,7 +6,10 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from paceline_admin.instance_models import ActivityView, FlagView
+from pydantic import ValidationError
+
+from paceline_admin.holders import Servers, holder_view
+from paceline_admin.instance_models import ActivityView, CrashView, FlagView
 from paceline_engine.definitions import DefinitionError, parse_definition
 
 log = logging.getLogger(__name__)
@@ -24,13 +27,16 @@ def step_order(definition_body: Any) -> dict[str, int]:
     return {step.id: i for i, step in enumerate(definition.walk())}
 
 
-def activity_views(activities: Mapping[str, Any], definition_body: Any) -> list[ActivityView]:
+def activity_views(
+    instance_id: Any, activities: Mapping[str, Any], definition_body: Any, servers: Servers
+) -> list[ActivityView]:
+    """`servers`: the registry rows of the servers the flags name (`holders.lookup`)."""
     order = step_order(definition_body)
     steps = sorted(activities, key=lambda step: (order.get(step, len(order)), step))
-    return [_view(step, activities[step]) for step in steps]
+    return [_view(instance_id, step, activities[step], servers) for step in steps]
 
 
-def _view(step: str, state: Mapping[str, Any]) -> ActivityView:
+def _view(instance_id: Any, step: str, state: Mapping[str, Any], servers: Servers) -> ActivityView:
     # Read as a tolerant reader: fields the engine may add later are ignored.
     return ActivityView(
         step=step,
@@ -46,12 +52,28 @@ def _view(step: str, state: Mapping[str, Any]) -> ActivityView:
         reason=state.get("reason"),
         claimed_by=state.get("claimed_by"),
         interruptions=int(state.get("interruptions") or 0),
-        flag=flag_view(state.get("flag")),
+        isolated=bool(state.get("isolated", False)),
+        crashes=_crashes(step, state.get("crashes")),
+        flag=flag_view(instance_id, step, state, servers),
     )
 
 
-def flag_view(flag: Any) -> FlagView | None:
-    """The engine's `Flag` (with `server_id`) as the API shows it (with `server`)."""
+def _crashes(step: str, crashes: Any) -> list[CrashView]:
+    views: list[CrashView] = []
+    for crash in crashes if isinstance(crashes, list) else ():
+        try:
+            views.append(CrashView.model_validate(crash))
+        except ValidationError:
+            log.warning("activity %s: a crash record that does not fit: %r", step, crash)
+    return views
+
+
+def flag_view(
+    instance_id: Any, step: str, activity: Mapping[str, Any], servers: Servers
+) -> FlagView | None:
+    """The engine's `Flag` (with `server_id`) as the API shows it (with `server`), and the
+    server that held the attempt as the registry shows it now."""
+    flag = activity.get("flag")
     if not isinstance(flag, Mapping):
         return None
     return FlagView(
@@ -61,4 +83,5 @@ def flag_view(flag: Any) -> FlagView | None:
         server=flag.get("server_id"),
         held_since=flag.get("held_since"),
         flagged_at=flag["flagged_at"],
+        holder=holder_view(instance_id, step, activity, servers),
     )

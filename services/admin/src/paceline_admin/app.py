@@ -24,8 +24,16 @@ Every error is `application/problem+json` (RFC 9457) with a `detail`, and `error
 each problem when there can be several. Bad input is a 4xx, never a 500: malformed JSON or
 YAML is 400, bodies over 1 MiB 413, invalid definitions, inputs and parameters 422, unknown
 definitions, definition versions, instances and steps 404. A command the current state does
-not allow (cancelling an ended instance, resolving an activity that is not flagged) is 409;
-a command the broker cannot take right now is 503 (nothing was sent: try again).
+not allow (cancelling a COMPLETED or FAILED instance, resolving an activity that is not
+flagged, or that an operator has already resolved) is 409; a command while the broker is not
+connected is 503 (nothing was recorded: try again).
+
+Instance statuses: PENDING, RUNNING, WAITING, FLAGGED (an activity waits for an operator),
+CANCELLING (a cancel was recorded: nothing more of the instance starts, and it waits for the
+activities that were running to stop; the instance's `cancel.waiting_for` lists them), and
+the final COMPLETED, FAILED and CANCELLED. A cancel, and each decision on a flag, is recorded
+with who asked (`X-Paceline-Operator`, else the token's holder); a cancel asked again answers
+as the first did.
 
 Every server (scheduler, activity-worker, reporting, admin) reports itself to the server
 registry with heartbeats; `/v1/servers` lists them and drains or removes one. This admin

@@ -8,9 +8,11 @@ from uuid import UUID
 
 from fastapi import APIRouter, Depends, Query
 
+from paceline_admin import holders
 from paceline_admin import instance_store as store
 from paceline_admin.activities import flag_view
 from paceline_admin.auth import require_token
+from paceline_admin.holders import LostAfter, Servers
 from paceline_admin.instance_models import FlaggedActivity, FlagPage
 from paceline_admin.paging import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor
 from paceline_admin.params import Text
@@ -33,7 +35,7 @@ def _after(cursor: str) -> tuple[datetime, UUID, str]:
         raise bad_cursor() from exc
 
 
-def _item(row: Any) -> FlaggedActivity:
+def _item(row: Any, servers: Servers) -> FlaggedActivity:
     activity: dict[str, Any] = row["activity"]
     return FlaggedActivity(
         instance_id=row["instance_id"],
@@ -43,7 +45,7 @@ def _item(row: Any) -> FlaggedActivity:
         type=activity.get("type", ""),
         attempt=int(activity.get("attempt", 0)),
         restartable=bool(activity.get("restartable", False)),
-        flag=flag_view(activity.get("flag")),
+        flag=flag_view(row["instance_id"], row["step"], activity, servers),
         instance_url=f"/v1/instances/{row['instance_id']}",
     )
 
@@ -51,12 +53,15 @@ def _item(row: Any) -> FlaggedActivity:
 @router.get("", response_model=FlagPage)
 async def list_flags(
     pool: Db,
+    lost_after_s: LostAfter,
     limit: Limit = 50,
     cursor: Cursor = None,
     definition: Annotated[str | None, Query(description="Only this definition."), Text] = None,
 ) -> FlagPage:
     """Every activity that waits for an operator: the INTERRUPTED activities of FLAGGED
-    instances, oldest flag first, a page at a time. Resolve one with
+    instances, oldest flag first, a page at a time, each with the server that held the attempt
+    as the registry shows it now (`flag.holder`: whether it has been alive since the flag, so
+    that the original attempt may still finish). Resolve one with
     `POST /v1/instances/{id}/activities/{step}/resolve`."""
     rows = await store.flag_page(
         pool,
@@ -64,7 +69,11 @@ async def list_flags(
         after=_after(cursor) if cursor else None,
         limit=limit + 1,
     )
-    items = [_item(r) for r in rows[:limit]]
+    page = rows[:limit]
+    servers = await holders.lookup(
+        pool, (r["activity"].get("flag") for r in page), lost_after_s=lost_after_s
+    )
+    items = [_item(r, servers) for r in page]
     next_cursor = None
     if len(rows) > limit:
         last = rows[limit - 1]

@@ -6,11 +6,14 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from paceline_admin.params import MAX_VERSION, Text
 from paceline_contracts.messages import ActivityError
-from paceline_contracts.states import ActivityStatus, InstanceStatus
+from paceline_contracts.states import ActivityStatus, InstanceStatus, ServerStatus
+
+CancelReason = StringConstraints(min_length=1, max_length=1000, pattern=r"^[^\x00]+$")
+"""A cancel's reason: storable text (no NUL, no lone surrogate), at most 1000 characters."""
 
 
 class StartInstanceRequest(BaseModel):
@@ -42,13 +45,21 @@ class StartedInstance(BaseModel):
     trace_id: str | None = Field(description="The W3C trace id of every span of the instance.")
 
 
+STATUS_DESCRIPTION = (
+    "`PENDING` (recorded, not started yet), `RUNNING`, `WAITING`, `FLAGGED` (an activity waits "
+    "for an operator), `CANCELLING` (a cancel was recorded: nothing more starts, and it waits "
+    "for the activities that were running to stop; `cancel.waiting_for` lists them), and the "
+    "final `COMPLETED`, `FAILED` and `CANCELLED`."
+)
+
+
 class InstanceSummary(BaseModel):
     """An instance without its activities."""
 
     id: UUID
     definition: str
     version: int
-    status: InstanceStatus
+    status: InstanceStatus = Field(description=STATUS_DESCRIPTION)
     trace_id: str | None
     started_by: str = Field(description="Who asked: `X-Paceline-Started-By`, else `admin-token`.")
     started_how: str = Field(description="Through what: `api` for this API.")
@@ -57,11 +68,45 @@ class InstanceSummary(BaseModel):
     finished_at: datetime | None
 
 
+class HolderView(BaseModel):
+    """The server that held the flagged attempt, as the server registry shows it now."""
+
+    server_id: str
+    status: ServerStatus | None = Field(
+        description="ACTIVE, DRAINING, DRAINED or LOST (as `GET /v1/servers` shows it); null "
+        "when the server is not in the registry (removed)."
+    )
+    last_heartbeat: datetime | None = Field(
+        description="When its last heartbeat was received (the database's clock); null when "
+        "it is not in the registry."
+    )
+    alive_since_flag: bool = Field(
+        description="Its last heartbeat was received more than 1 s after `flagged_at`, and it is "
+        "neither LOST nor DRAINED: it did not crash (a `redelivered` flag then comes from a "
+        "broker connection blip)."
+    )
+    lists_attempt_in_flight: bool = Field(
+        description="Its last heartbeat lists the flagged attempt among what it runs or holds."
+    )
+    may_still_finish: bool = Field(
+        description="It is alive since the flag and has not reported the end of the flagged "
+        "attempt itself: the original attempt may still finish (its late result resolves the "
+        'flag). A `retry` is then refused unless it says `"force": true`.'
+    )
+    note: str = Field(description="What this means, for a person.")
+
+
 class FlagView(BaseModel):
     """Why an activity waits for an operator: its outcome is unknown."""
 
     kind: str = Field(
-        description="`redelivered` (the server that claimed it died), `timeout` or `crash_budget`."
+        description="`redelivered` (the broker gave the attempt to another worker after its "
+        "holder claimed it: the holder died, or lost its broker connection), `timeout` (the "
+        "step's timeout ended an attempt that may have had its effect), `outcome_unknown` (it "
+        "ended without proof that its effect did not happen: a request sent with no complete "
+        "answer, a program killed, an isolated runner that died), `drain_deadline` (its "
+        "worker's drain reached the grace deadline while it ran) or `crash_budget` (it took "
+        "its worker or runner down too often, and was quarantined)."
     )
     reason: str = Field(
         description="Which server held which attempt since when, and what ended it."
@@ -70,6 +115,27 @@ class FlagView(BaseModel):
     server: str | None = Field(description="The server id that held the attempt.")
     held_since: datetime | None = Field(description="When that server claimed the attempt.")
     flagged_at: datetime
+    holder: HolderView | None = Field(
+        default=None,
+        description="That server as the registry shows it now, and whether it has been alive "
+        "since the flag; null when the flag names no server.",
+    )
+
+
+class CrashView(BaseModel):
+    """An attempt of the activity was running when its worker (or its isolated runner) died."""
+
+    attempt: int
+    server_id: str | None = Field(default=None, description="The server that held the attempt.")
+    since: datetime | None = Field(
+        default=None, description="When that server claimed the attempt."
+    )
+    detected_at: datetime
+    alone: bool = Field(
+        description="It ran alone, in an isolated runner: the crash was charged to it (the "
+        "crash budget). Otherwise it was one of the suspects of a worker's death, and nothing "
+        "was charged."
+    )
 
 
 class ActivityView(BaseModel):
@@ -96,10 +162,50 @@ class ActivityView(BaseModel):
     interruptions: int = Field(
         default=0, description="Attempts lost to a crash or a time-out (the crash budget)."
     )
+    isolated: bool = Field(
+        default=False,
+        description="The current attempt runs alone, in an isolated runner: a worker died "
+        "while it ran before, so it is a suspect.",
+    )
+    crashes: list[CrashView] = Field(
+        default_factory=list,
+        description="The most recent crashes it was part of, oldest first.",
+    )
     flag: FlagView | None = Field(
         default=None,
         description="Set while the activity is INTERRUPTED, waiting for an operator "
         "(`POST .../activities/{step}/resolve`).",
+    )
+
+
+class WaitingActivity(BaseModel):
+    """A running activity a cancel waits for: its server was told to stop it."""
+
+    step: str
+    attempt: int
+    server: str | None = Field(description="The server that runs it (that claimed the attempt).")
+
+
+class CancelInfo(BaseModel):
+    """A cancel request: the first one (a repeat answers with these)."""
+
+    by: str = Field(
+        description="Who asked (the principal): `X-Paceline-Operator`, else the token's holder."
+    )
+    reason: str
+    requested_at: datetime = Field(description="When it was recorded (the database's clock).")
+
+
+class CancelView(CancelInfo):
+    """A cancel of the instance, and what it still waits for."""
+
+    recorded: bool = Field(
+        description="The scheduler has recorded it (the instance is CANCELLING or CANCELLED): "
+        "from then on nothing of the instance starts."
+    )
+    waiting_for: list[WaitingActivity] = Field(
+        description="While CANCELLING: the activities that were running when the cancel was "
+        "recorded and have not stopped yet. Empty once CANCELLED."
     )
 
 
@@ -110,6 +216,9 @@ class InstanceDetail(InstanceSummary):
     outputs: dict[str, Any] | None
     error: ActivityError | None
     activities: list[ActivityView] = Field(description="In definition order.")
+    cancel: CancelView | None = Field(
+        default=None, description="The cancel, once one was asked for; otherwise null."
+    )
 
 
 class InstancePage(BaseModel):
@@ -119,11 +228,31 @@ class InstancePage(BaseModel):
     )
 
 
+class CancelRequestBody(BaseModel):
+    """Why the instance is cancelled (optional). Unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Annotated[str, CancelReason] | None = Field(
+        default=None,
+        description="Recorded in the history; `cancelled by an operator` when omitted.",
+    )
+
+
 class CancelAccepted(BaseModel):
-    """A cancel command was sent; the scheduler ends the instance."""
+    """The cancel is recorded, with its command and its broadcast to every worker."""
 
     id: UUID
-    status: InstanceStatus = Field(description="The status when the command was sent.")
+    status: InstanceStatus = Field(
+        description="The current status: CANCELLING or CANCELLED once the scheduler has "
+        "recorded the cancel (nothing of the instance starts from then on); the status before "
+        "it when the scheduler did not record it within a few seconds (the command is durable: "
+        "it is applied when the scheduler takes it)."
+    )
+    cancel: CancelInfo | None = Field(
+        description="The first cancel request (a repeat answers with the same); null only for "
+        "an instance cancelled without one (by an older version)."
+    )
     cancel_requested: bool = True
 
 
@@ -178,6 +307,12 @@ class ResolveRequest(BaseModel):
     output: dict[str, Any] | None = Field(
         default=None,
         description="Only with `skip`: the output later steps see (`{}` when omitted).",
+    )
+    force: bool = Field(
+        default=False,
+        description="Only with `retry`: retry even though the server that held the attempt has "
+        "been alive since the flag (`flag.holder.may_still_finish`), so the original attempt "
+        "may still finish and the activity may run twice.",
     )
 
 

@@ -17,9 +17,11 @@ _SUMMARY = """
 """
 
 _DETAIL = f"""
-    SELECT {_SUMMARY}, i.state, d.body AS definition_body
+    SELECT {_SUMMARY}, i.state, d.body AS definition_body,
+           c.by AS cancel_by, c.reason AS cancel_reason, c.requested_at AS cancel_requested_at
     FROM instances i
     JOIN definitions d ON d.name = i.definition AND d.version = i.version
+    LEFT JOIN cancel_requests c ON c.instance_id = i.id
     WHERE i.id = $1
 """  # noqa: S608 (constants only)
 
@@ -70,7 +72,8 @@ async def by_idempotency_key(pool: asyncpg.Pool, key: str) -> asyncpg.Record | N
 
 
 async def detail(pool: asyncpg.Pool, instance_id: UUID) -> asyncpg.Record | None:
-    """The instance with its state document and its definition (for the step order)."""
+    """The instance with its state document, its definition (for the step order) and its
+    first cancel request (`cancel_by`, `cancel_reason`, `cancel_requested_at`: null when none)."""
     row: asyncpg.Record | None = await pool.fetchrow(_DETAIL, instance_id)
     return row
 
@@ -167,15 +170,3 @@ async def flag_page(
     )
     rows: list[asyncpg.Record] = await pool.fetch(sql, *args)
     return rows
-
-
-async def resolve_target(pool: asyncpg.Pool, instance_id: UUID, step: str) -> asyncpg.Record | None:
-    """The instance's status and traceparent, and the state of its activity `step` (null when
-    no such activity was dispatched); None when there is no such instance."""
-    row: asyncpg.Record | None = await pool.fetchrow(
-        "SELECT status, traceparent, state->'activities'->($2::text) AS activity"
-        " FROM instances WHERE id = $1",
-        instance_id,
-        step,
-    )
-    return row

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import uuid
 from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
 
-from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
-from fastapi import APIRouter, Depends, Header, Path, Query, Response
+from fastapi import APIRouter, Body, Depends, Header, Path, Query, Response
+from pydantic import ValidationError
 
+from paceline_admin import cancelling, holders, resolving, starting
 from paceline_admin import instance_store as store
-from paceline_admin import starting
 from paceline_admin.activities import activity_views
 from paceline_admin.auth import Authorized, require_token
-from paceline_admin.documents import as_json_document
+from paceline_admin.holders import LostAfter
 from paceline_admin.instance_models import (
     CancelAccepted,
+    CancelRequestBody,
+    CancelView,
     HistoryEvent,
     InstanceDetail,
     InstanceHistory,
@@ -28,26 +28,16 @@ from paceline_admin.instance_models import (
     ResolveRequest,
     StartedInstance,
     StartInstanceRequest,
+    WaitingActivity,
 )
 from paceline_admin.paging import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor
 from paceline_admin.params import Text
-from paceline_admin.problems import (
-    RETRY_SOON,
-    ApiError,
-    ProblemItem,
-    problem_responses,
-    summarize,
-)
-from paceline_admin.resources import Broker, Db
-from paceline_contracts.messages import CancelInstance, Command, ResolveActivity
-from paceline_contracts.queues import Queue
+from paceline_admin.problems import ApiError, ProblemItem, problem_responses
+from paceline_admin.resources import Broker, BrokerConnection, Db
 from paceline_contracts.states import ActivityStatus, InstanceStatus
-from paceline_infra.amqp import Outgoing, Publisher
-from paceline_infra.telemetry import extract, inject, tracer
 
 log = logging.getLogger(__name__)
 
-PUBLISH_TIMEOUT_S = 5.0
 IdParam = Annotated[UUID, Path(description="The instance id.")]
 IdempotencyKey = Annotated[
     str | None,
@@ -77,8 +67,9 @@ Operator = Annotated[
         alias="X-Paceline-Operator",
         max_length=200,
         pattern=r"^[^\x00-\x1f\x7f]+$",
-        description="Who decides (a person or service), recorded in the history as `by`; "
-        "`admin-token` when omitted.",
+        description="Who asks or decides (a person or service), recorded as `by` (in the "
+        "history, and for a cancel in `cancel.by`); the token's holder (`admin-token`) when "
+        "omitted.",
     ),
 ]
 
@@ -188,68 +179,99 @@ def _not_found(instance_id: UUID) -> ApiError:
 
 
 @router.get("/{instance_id}", response_model=InstanceDetail, responses=problem_responses(404))
-async def get_instance(instance_id: IdParam, pool: Db) -> InstanceDetail:
-    """The instance with its inputs, outputs and activities."""
+async def get_instance(instance_id: IdParam, pool: Db, lost_after_s: LostAfter) -> InstanceDetail:
+    """The instance with its inputs, outputs and activities; for a flagged activity, the
+    server that held the attempt as the registry shows it now (`flag.holder`); and its cancel,
+    with what it still waits for (`cancel.waiting_for`) while the instance is CANCELLING."""
     row = await store.detail(pool, instance_id)
     if row is None:
         raise _not_found(instance_id)
     state: dict[str, Any] = row["state"] or {}
+    activities: dict[str, Any] = state.get("activities") or {}
+    servers = await holders.lookup(
+        pool,
+        (a.get("flag") for a in activities.values() if isinstance(a, dict)),
+        lost_after_s=lost_after_s,
+    )
     fields = {k: row[k] for k in InstanceSummary.model_fields}
     return InstanceDetail(
         **fields,
         inputs=state.get("inputs") or {},
         outputs=state.get("outputs"),
         error=state.get("error"),
-        activities=activity_views(state.get("activities") or {}, row["definition_body"]),
+        activities=activity_views(instance_id, activities, row["definition_body"], servers),
+        cancel=_cancel_view(row, state, activities),
     )
+
+
+def _cancel_view(row: Any, state: dict[str, Any], activities: dict[str, Any]) -> CancelView | None:
+    """The first cancel request (the engine's record of the cancel when there is none: an
+    older version's), with the running activities it waits for while CANCELLING."""
+    if row["cancel_by"] is not None:
+        first: dict[str, Any] = {
+            "by": row["cancel_by"],
+            "reason": row["cancel_reason"],
+            "requested_at": row["cancel_requested_at"],
+        }
+    elif isinstance(state.get("cancel"), dict):
+        first = {k: state["cancel"].get(k) for k in ("by", "reason", "requested_at")}
+    else:
+        return None
+    status = InstanceStatus(row["status"])
+    waiting = [
+        WaitingActivity(
+            step=step,
+            attempt=int(a.get("attempt") or 0),
+            server=a.get("claimed_by") or a.get("server_id"),
+        )
+        for step, a in sorted(activities.items())
+        if isinstance(a, dict) and a.get("status") == ActivityStatus.RUNNING
+    ]
+    try:
+        return CancelView(
+            **first,
+            recorded=status is InstanceStatus.CANCELLING or status is InstanceStatus.CANCELLED,
+            waiting_for=waiting if status is InstanceStatus.CANCELLING else [],
+        )
+    except ValidationError:
+        log.warning("instance %s: a cancel record that does not fit: %r", row["id"], first)
+        return None
 
 
 @router.post(
     "/{instance_id}/cancel",
     status_code=202,
     response_model=CancelAccepted,
-    responses=problem_responses(404, 409, 503),
+    responses=problem_responses(400, 404, 409, 413, 503),
 )
-async def cancel_instance(instance_id: IdParam, pool: Db, publisher: Broker) -> CancelAccepted:
-    """Send a cancel command. 409 when the instance has already ended; 503 when the broker
-    cannot take the command (nothing was sent: try again)."""
-    current = await store.current_status(pool, instance_id)
-    if current is None:
-        raise _not_found(instance_id)
-    status = InstanceStatus(current)
-    if status.is_final:
-        raise ApiError(
-            409, f"instance {instance_id} has already ended ({status.value})", kind="instance-ended"
-        )
-    command = CancelInstance(instance_id=instance_id)
-    with tracer().start_as_current_span(
-        "cancel instance", attributes={"paceline.instance_id": str(instance_id)}
-    ):
-        await _send(publisher, command, "cancel")
-    return CancelAccepted(id=instance_id, status=status)
+async def cancel_instance(
+    instance_id: IdParam,
+    subject: Authorized,
+    pool: Db,
+    publisher: Broker,
+    connection: BrokerConnection,
+    body: Annotated[CancelRequestBody | None, Body()] = None,
+    operator: Operator = None,
+) -> CancelAccepted:
+    """Cancel the instance: nothing of it starts after this answer, and what of it runs is
+    told to stop. The request is recorded with who asked (`X-Paceline-Operator`, else the
+    token's holder) and the optional `reason`, and sent to the scheduler and, as a broadcast,
+    to every worker. The answer waits a few seconds for the scheduler to record it: the status
+    is then CANCELLING (it waits for the running activities to stop; `GET` shows them in
+    `cancel.waiting_for`) or CANCELLED.
 
-
-async def _send(publisher: Publisher, command: Command, what: str) -> None:
-    """Publish a command in the current span and wait for the broker's confirm; 503 when the
-    broker does not take it (then nothing was sent, and the caller may try again)."""
-    message = Outgoing(
-        Queue.COMMANDS,
-        command.model_dump_json().encode(),
-        command.type,
-        str(uuid.uuid4()),
-        inject(),
+    Asking again, also at the same moment, answers 202 as the first request did (its `by`,
+    `reason` and `requested_at`) with the current status. 409 when the instance has already
+    COMPLETED or FAILED; 503 when the broker is not connected (nothing was recorded: try
+    again)."""
+    return await cancelling.cancel_instance(
+        pool,
+        publisher,
+        connection,
+        instance_id,
+        by=operator or subject,
+        reason=body.reason if body is not None else None,
     )
-    try:
-        async with asyncio.timeout(PUBLISH_TIMEOUT_S):
-            await publisher.publish(message)
-    except (TimeoutError, OSError, AMQPError, ChannelInvalidStateError) as exc:
-        log.warning("%s of %s not sent: %r", what, command.instance_id, exc)
-        raise ApiError(
-            503,
-            f"the message broker did not take the {what} command; try again",
-            kind="broker-unavailable",
-            headers=RETRY_SOON,
-        ) from exc
 
 
 @router.post(
@@ -265,90 +287,32 @@ async def resolve_activity(
     subject: Authorized,
     pool: Db,
     publisher: Broker,
+    connection: BrokerConnection,
+    lost_after_s: LostAfter,
     operator: Operator = None,
 ) -> ResolveAccepted:
     """Decide on a flagged (INTERRUPTED) activity whose outcome is unknown: `retry` runs it
     again, `skip` marks it done with `output` (`{}` when omitted), `fail` fails the instance.
-    The scheduler applies the decision and records it in the history.
+    The decision is recorded, once per flagged attempt, and the scheduler applies it and
+    records it in the history.
 
-    404 for an unknown instance or a step that is not one of its activities; 409 when the
-    activity is not flagged or the instance has ended; 503 when the broker cannot take the
-    command (nothing was sent: try again)."""
-    output = _resolve_output(body)
-    target = await store.resolve_target(pool, instance_id, step)
-    if target is None:
-        raise _not_found(instance_id)
-    activity = target["activity"]
-    if not isinstance(activity, dict):
-        raise ApiError(
-            404,
-            f"instance {instance_id} has no activity {step!r} (it is not an activity step, "
-            "or it has not run yet)",
-            kind="not-found",
-        )
-    status = InstanceStatus(target["status"])
-    if status.is_final:
-        raise ApiError(
-            409, f"instance {instance_id} has already ended ({status.value})", kind="instance-ended"
-        )
-    current = activity.get("status")
-    if current != ActivityStatus.INTERRUPTED:
-        raise ApiError(
-            409,
-            f"activity {step!r} of instance {instance_id} is {current}, not flagged "
-            f"({ActivityStatus.INTERRUPTED.value}): there is nothing to resolve",
-            kind="not-flagged",
-        )
-    command = ResolveActivity(
-        instance_id=instance_id,
-        step=step,
-        action=body.action,
-        output=output,
+    404 for an unknown instance or a step that is not one of its activities. 409 when the
+    activity is not flagged, the instance has ended or is being cancelled; `already-resolved`
+    naming the first decision when the attempt already has one (of two at the same moment,
+    exactly one applies); `holder-alive` for a `retry` while the server that held the attempt
+    has been alive since the flag (`flag.holder.may_still_finish`: the original attempt may
+    still finish), unless the body says `"force": true`. 503 when the broker is not connected
+    (nothing was recorded: try again)."""
+    return await resolving.resolve_activity(
+        pool,
+        publisher,
+        connection,
+        instance_id,
+        step,
+        body,
         by=operator or subject,
-        attempt=activity.get("attempt"),
+        lost_after_s=lost_after_s,
     )
-    traceparent = target["traceparent"]
-    # In the instance's own trace, so that the operator's decision shows up in it.
-    with tracer().start_as_current_span(
-        "resolve activity",
-        context=extract({"traceparent": traceparent}) if traceparent else None,
-        attributes={
-            "paceline.instance_id": str(instance_id),
-            "paceline.step": step,
-            "paceline.action": body.action,
-            "paceline.by": command.by,
-        },
-    ):
-        await _send(publisher, command, "resolve")
-    return ResolveAccepted(id=instance_id, step=step, action=body.action)
-
-
-def _resolve_output(body: ResolveRequest) -> dict[str, Any] | None:
-    """The output to send: only `skip` takes one (`{}` when omitted), and it must be storable."""
-    if body.action != "skip":
-        if "output" in body.model_fields_set:
-            item = ProblemItem(
-                path="output", message=f"only `skip` takes an output, not `{body.action}`"
-            )
-            raise ApiError(
-                422,
-                summarize([item]),
-                kind="invalid-request",
-                title="Invalid request",
-                errors=[item],
-            )
-        return None
-    output, problems = as_json_document(body.output or {}, "output")
-    if problems:
-        raise ApiError(
-            422,
-            summarize(problems, "the output"),
-            kind="invalid-output",
-            title="Invalid output",
-            errors=problems,
-        )
-    assert isinstance(output, dict)
-    return output
 
 
 @router.get(

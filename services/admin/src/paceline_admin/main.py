@@ -1,4 +1,5 @@
-"""The `paceline-admin` command: `paceline-admin run` serves the admin API."""
+"""The `paceline-admin` command: `paceline-admin run` serves the admin API; `check` checks its
+settings."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 from paceline_admin.app import create_app
 from paceline_admin.settings import AdminSettings
 from paceline_contracts.states import ServerKind
+from paceline_infra import lifecycle
 from paceline_infra.identity import ServerIdentity
 from paceline_infra.logs import setup_logging
 from paceline_infra.telemetry import setup_tracing
@@ -69,6 +71,8 @@ async def _serve(settings: AdminSettings, identity: ServerIdentity) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    if (early := lifecycle.early_signal()) is not None:
+        on_signal(early)  # told to stop while it was still starting
     watcher = asyncio.create_task(exit_when_stopped(), name="exit when stopped")
     try:
         await server.serve()
@@ -84,6 +88,7 @@ async def _serve(settings: AdminSettings, identity: ServerIdentity) -> None:
 def run() -> None:
     """Serve the admin API on 0.0.0.0:PACELINE_ADMIN_PORT until SIGTERM, SIGINT or a drain
     (`POST /v1/servers/{id}/drain`); then finish the requests in flight and exit 0."""
+    lifecycle.catch_signals_early()
     try:
         settings = AdminSettings()
     except ValidationError as exc:
@@ -100,3 +105,10 @@ def run() -> None:
         asyncio.run(_serve(settings, identity))
     finally:
         provider.shutdown()
+
+
+@app.command()
+def check() -> None:
+    """Check the settings (PACELINE_* environment variables) without starting anything: print
+    every problem (never the token) and exit 2, or exit 0 when they are fine."""
+    lifecycle.check_command(AdminSettings, "paceline-admin")

@@ -67,3 +67,17 @@ async def remove_if_gone(pool: asyncpg.Pool, server_id: str, *, lost_after_s: fl
         server_id,
     )
     return deleted is not None
+
+
+async def some(
+    pool: asyncpg.Pool, server_ids: Sequence[str], *, lost_after_s: float
+) -> dict[str, asyncpg.Record]:
+    """The registry rows of these servers, by id (servers not in the registry are missing)."""
+    if not server_ids:
+        return {}
+    rows: list[asyncpg.Record] = await pool.fetch(
+        f"{_VIEW} WHERE s.id = ANY($2::text[])",
+        lost_after_s,
+        sorted(set(server_ids)),
+    )
+    return {r["id"]: r for r in rows}

@@ -3,7 +3,6 @@ transaction (the outbox), then publish the command. An Idempotency-Key makes ret
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import uuid
@@ -12,7 +11,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from paceline_admin import definition_store, instance_store
+from paceline_admin import definition_store, instance_store, sending
 from paceline_admin.documents import as_json_document
 from paceline_admin.instance_models import StartedInstance, StartInstanceRequest
 from paceline_admin.problems import ApiError, ProblemItem, summarize
@@ -26,10 +25,6 @@ from paceline_infra.outbox import OutboxMessage
 from paceline_infra.telemetry import inject, trace_id_hex, tracer
 
 log = logging.getLogger(__name__)
-
-FLUSH_TIMEOUT_S = 5.0
-"""After this the answer goes out anyway: the command is committed in the outbox, and the
-outbox relay publishes whatever a flush did not."""
 
 
 def request_hash(definition: str, version: int, inputs: Any) -> str:
@@ -163,7 +158,7 @@ async def start_instance(
                     kind="conflict",
                 )
             return _replay(existing, request, given), True
-        await _flush(pool, publisher, command)
+        await sending.flush(pool, publisher, [command], f"start command {command.id}")
     return StartedInstance(
         id=instance_id,
         status=inserted["status"],
@@ -171,15 +166,3 @@ async def start_instance(
         version=inserted["version"],
         trace_id=inserted["trace_id"],
     ), False
-
-
-async def _flush(pool: asyncpg.Pool, publisher: Publisher, command: OutboxMessage) -> None:
-    try:
-        async with asyncio.timeout(FLUSH_TIMEOUT_S):
-            await outbox.flush(pool, publisher, [command])
-    except TimeoutError:
-        log.warning(
-            "start command %s not confirmed within %.0fs; the outbox relay sends it",
-            command.id,
-            FLUSH_TIMEOUT_S,
-        )

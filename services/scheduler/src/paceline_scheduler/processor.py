@@ -203,7 +203,7 @@ class Processor:
             outcome.saved.append(row)
             headers = telemetry.inject()
             outcome.messages.extend(
-                m for d in decisions if (m := to_outbox(row, d, headers)) is not None
+                m for d in decisions if (m := to_outbox(row, d, headers, now)) is not None
             )
             span.set_attribute("paceline.instance.status", state.status.value)
             outcome.messages.append(

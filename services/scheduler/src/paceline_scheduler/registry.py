@@ -1,8 +1,13 @@
-"""The server registry: heartbeats from every server, kept in the `servers` table."""
+"""The server registry: heartbeats from every server, kept in the `servers` table.
+
+Servers silent for `forget_after_s` (LOST, or DRAINED and gone) are groomed away, at most once
+a minute, so a stack that replaces its processes does not list them forever.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 
 import asyncpg
 from pydantic import ValidationError
@@ -15,10 +20,15 @@ from paceline_infra.batching import Delivery
 log = logging.getLogger(__name__)
 
 
+_GROOM_EVERY_S = 60.0
+
+
 class Registry:
-    def __init__(self, pool: asyncpg.Pool, publisher: Publisher) -> None:
+    def __init__(self, pool: asyncpg.Pool, publisher: Publisher, forget_after_s: float) -> None:
         self._pool = pool
         self._publisher = publisher
+        self._forget_after_s = forget_after_s
+        self._groomed_at = 0.0
 
     async def handle(self, batch: list[Delivery]) -> None:
         beats: list[tuple[Delivery, ServerHeartbeat]] = []
@@ -59,3 +69,21 @@ class Registry:
             )
         for d, _ in beats:
             await d.message.ack()
+        await self._groom()
+
+    async def _groom(self) -> None:
+        if time.monotonic() - self._groomed_at < _GROOM_EVERY_S:
+            return
+        self._groomed_at = time.monotonic()
+        try:
+            removed = await self._pool.execute(
+                "DELETE FROM servers WHERE last_heartbeat < now() - make_interval(secs => $1)",
+                self._forget_after_s,
+            )
+        except Exception as exc:  # the heartbeats are recorded; grooming waits for next time
+            log.warning("registry: grooming failed: %s", exc)
+            return
+        if removed != "DELETE 0":
+            log.info(
+                "registry: forgot servers silent for %.0fs (%s)", self._forget_after_s, removed
+            )

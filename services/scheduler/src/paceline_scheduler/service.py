@@ -44,7 +44,12 @@ async def serve(settings: SchedulerSettings, identity: ServerIdentity, stop: asy
             asyncio.create_task(presence.run(), name="presence"),
             asyncio.create_task(Relay(pool, publisher).run(stop), name="outbox-relay"),
             asyncio.create_task(
-                drive(beats, stop, Registry(pool, publisher).handle, what="registry"),
+                drive(
+                    beats,
+                    stop,
+                    Registry(pool, publisher, settings.server_forget_after_s).handle,
+                    what="registry",
+                ),
                 name="registry",
             ),
         ]

@@ -17,5 +17,16 @@ class SchedulerSettings(Settings):
     """How long past a step's timeout the scheduler waits for the worker's own report
     before it times the attempt out itself (a hung or unreachable worker)."""
 
+    server_forget_after_s: float = Field(default=86_400.0, ge=60)
+    """A server silent this long (LOST, or DRAINED and gone) is removed from the registry."""
+    cancel_grace_s: float = Field(default=30.0, ge=1, le=86_400)
+    """How long a cancel waits for a running activity's worker to confirm that it stopped
+    (a shell command gets SIGTERM, then SIGKILL after its `kill_grace`); past it the activity
+    is recorded as cancelled with an unknown outcome."""
+
     def policy(self) -> Policy:
-        return Policy(crash_budget=self.crash_budget, deadline_grace_s=self.deadline_grace_s)
+        return Policy(
+            crash_budget=self.crash_budget,
+            deadline_grace_s=self.deadline_grace_s,
+            cancel_grace_s=self.cancel_grace_s,
+        )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from paceline_contracts.messages import (
     ActivityError,
     ActivityQuarantined,
@@ -11,13 +13,14 @@ from paceline_contracts.messages import (
     CancelInstance,
     CheckDeadline,
     ClaimAttempt,
+    InstanceCancelled,
     InstanceChanged,
     InstanceSnapshot,
     ResolveActivity,
     StartInstance,
 )
-from paceline_contracts.queues import Queue
-from paceline_contracts.states import ActivityStatus
+from paceline_contracts.queues import Queue, Stream
+from paceline_contracts.states import ActivityStatus, ErrorKind
 from paceline_engine import events
 from paceline_infra.outbox import OutboxMessage
 from paceline_scheduler.store import InstanceRow
@@ -38,7 +41,7 @@ def to_event(message: Incoming) -> events.Event:
         case StartInstance():
             return events.Start()
         case CancelInstance():
-            return events.Cancel(message.reason)
+            return events.Cancel(message.reason, message.by)
         case ResolveActivity():
             return events.Resolve(
                 message.step, message.action, message.output, message.by, message.attempt
@@ -69,6 +72,17 @@ def to_event(message: Incoming) -> events.Event:
             message.finished_at,
         )
     error = message.error or ActivityError(kind="failed", message="no error given")
+    if message.status in (ActivityStatus.CANCELLED, ActivityStatus.INTERRUPTED):
+        return events.ActivityStopped(
+            message.step,
+            message.attempt,
+            _stop_cause(message.status, error),
+            error,
+            message.server_id,
+            message.started_at,
+            message.finished_at,
+            message.cancelled_by,
+        )
     return events.ActivityFailed(
         message.step,
         message.attempt,
@@ -80,8 +94,17 @@ def to_event(message: Incoming) -> events.Event:
     )
 
 
+def _stop_cause(status: ActivityStatus, error: ActivityError) -> events.StopCause:
+    if status is ActivityStatus.CANCELLED:
+        return events.StopCause.CANCELLED
+    if error.kind == ErrorKind.RUNNER_CRASHED:
+        return events.StopCause.RUNNER_CRASHED
+    # INTERRUPTED for any other reason: the worker stopped it while it ran, as a drain does.
+    return events.StopCause.DRAIN_DEADLINE
+
+
 def to_outbox(
-    row: InstanceRow, decision: events.Decision, headers: dict[str, str]
+    row: InstanceRow, decision: events.Decision, headers: dict[str, str], now: datetime
 ) -> OutboxMessage | None:
     """The message a decision sends, if any (claim answers and finishes send none here)."""
     if isinstance(decision, events.Dispatch):
@@ -93,8 +116,13 @@ def to_outbox(
             attempt=decision.attempt,
             restartable=decision.restartable,
             timeout_s=decision.timeout_s,
+            isolated=decision.isolated,
         )
-        return OutboxMessage.of(Queue.ACTIVITIES, task, headers, not_before=decision.not_before)
+        queue = Queue.SUSPECTS if decision.isolated else Queue.ACTIVITIES
+        return OutboxMessage.of(queue, task, headers, not_before=decision.not_before)
+    if isinstance(decision, events.StopInstance):
+        cancelled = InstanceCancelled(instance_id=row.id, by=decision.by, at=now)
+        return OutboxMessage.of(Stream.CANCELLATIONS, cancelled, headers)
     if isinstance(decision, events.SetDeadline):
         # A timer is a held-back message to ourselves: whichever scheduler gets it handles it.
         check = CheckDeadline(instance_id=row.id, step=decision.step, attempt=decision.attempt)
