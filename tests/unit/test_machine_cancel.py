@@ -663,3 +663,21 @@ def test_whatever_ends_what_ran_a_cancelling_instance_ends_cancelled(
     assert "after" not in run.state.activities
     event(f"heard first: {heard_first}")
     event(f"ran when cancelled: {sum(claimed)}")
+
+
+
+def test_a_message_dropped_by_another_worker_after_its_holder_died_may_have_had_its_effect() -> (
+    None
+):
+    """While CANCELLING, the holder of a non-restartable attempt dies; the broker hands the
+    message to a worker that knows of the cancel and drops it without starting it. The holder
+    may have started it: the history must not say it never started."""
+    run = cancelling(shell("x"))
+    t = run.stop("x", StopCause.CANCELLED, started=False, server="w2", by="bob")
+    x = run.state.activities["x"]
+    assert x.status is ActivityStatus.CANCELLED
+    assert x.reason is not None
+    assert "w1 lost attempt 1" in x.reason and "outcome unknown" in x.reason
+    assert "before it started" not in x.reason
+    assert t.history[-2].reason == x.reason
+    assert run.instance() is InstanceStatus.CANCELLED

@@ -144,6 +144,15 @@ def _stop_noted(activity: ActivityState, event: ActivityStopped) -> str:
 
 
 def _stopped_for_cancel(activity: ActivityState, event: ActivityStopped) -> str:
+    holder = activity.claimed_by
+    if not event.error.outcome_unknown and holder not in (None, event.server_id):
+        # The broker took the message from its holder (which died) and gave it to this worker,
+        # which heard of the cancel and did not start it: the holder may have.
+        unknown = "" if activity.restartable else ": outcome unknown"
+        return (
+            f"its holder {holder} lost attempt {event.attempt} while the cancel waited; "
+            f"{event.server_id} got the message and did not start it{unknown}"
+        )
     if not event.error.outcome_unknown:
         return f"stopped by {event.server_id} before it started: the instance was cancelled"
     if activity.restartable:
