@@ -36,9 +36,9 @@ unit: install
 
 # run_stack.py checks every setting before it migrates or starts anything.
 run: install services
-	$(RUN) python deploy/run_stack.py
+	$(RUN) python deploy/run_stack.py $(RUN_ARGS)
 
-# Throughput and failover on this machine, one JSON object a line; e.g. BENCH_ARGS="--kills 5".
+# Throughput, failover and scaling on this machine, one JSON object a line; e.g. BENCH_ARGS="--kills 5".
 bench: install services
 	$(RUN) python deploy/bench.py $(BENCH_ARGS)
 

@@ -19,6 +19,7 @@ import random
 import signal
 import time
 from dataclasses import dataclass
+from typing import TypeVar
 
 from chaos_roll import Roller
 from chaos_supervisor import Supervisor
@@ -38,6 +39,8 @@ BROKER_DOWN_S = (1.0, 4.0)
 NO_PEER_WAIT_S = 10.0
 """How long a fault waits for a target that leaves a peer of its kind up; then any will do
 (the supervisor brings it back within a few seconds anyway)."""
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -110,6 +113,13 @@ def unavailable_kinds() -> dict[str, str]:
     return why
 
 
+def _required(part: T | None, missing: str) -> T:
+    """`part` of the run, which a fault needs: a RuntimeError saying `missing` when it has none."""
+    if part is None:
+        raise RuntimeError(missing)
+    return part
+
+
 @dataclass
 class Injector:
     supervisor: Supervisor
@@ -124,14 +134,10 @@ class Injector:
     async def inject(self, fault: Fault) -> None:
         # The private instances' errors are RuntimeErrors: the fault is then not injected.
         if fault.kind == "roll":
-            if self.roller is None:
-                raise RuntimeError("no roller for this run")
-            roll = self.roller.start()
+            roll = _required(self.roller, "no roller for this run").start()
             fault.target = f"every activity-worker in turn (roll {roll.index})"
         elif fault.kind == "rabbitmq":
-            broker = self.broker
-            if broker is None:
-                raise RuntimeError("no private broker was started for this run")
+            broker = _required(self.broker, "no private broker was started for this run")
             fault.target = f"private broker (port {broker.port})"
             await asyncio.to_thread(broker.stop_app)
             try:
@@ -140,9 +146,7 @@ class Injector:
                 # Even when the run is interrupted here: never leave the broker down.
                 await asyncio.to_thread(broker.start_app)
         elif fault.kind == "postgres":
-            database = self.database
-            if database is None:
-                raise RuntimeError("no private PostgreSQL was started for this run")
+            database = _required(self.database, "no private PostgreSQL was started for this run")
             fault.target = f"private postgresql {database.version} (port {database.port})"
             await asyncio.to_thread(database.restart)
         else:

@@ -37,6 +37,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -276,15 +277,10 @@ class PrivateRabbitMQ:
         directory = _new_directory("rabbitmq", tag)
         port, dist_port = _free_ports(2)
         broker = cls(f"{name_prefix}-{tag}@localhost", port, dist_port, directory)
-        _register(broker)
-        try:
+        with _starting(broker, began):
             broker._configure()
             broker._launch()
             broker._wait_up(timeout)
-        except BaseException:
-            broker.teardown()
-            raise
-        broker.started_in_s = time.monotonic() - began
         return broker
 
     def _configure(self) -> None:
@@ -546,16 +542,11 @@ class PrivatePostgres:
         assert bin_dir is not None
         began = time.monotonic()
         database = cls(_free_port(), _new_directory("postgres", secrets.token_hex(4)), bin_dir)
-        _register(database)
-        try:
+        with _starting(database, began):
             database._init()
             database._pg_ctl("start", timeout=timeout)
             database._started = True
             database._wait_up(timeout)
-        except BaseException:
-            database.teardown()
-            raise
-        database.started_in_s = time.monotonic() - began
         return database
 
     def _init(self) -> None:
@@ -656,6 +647,19 @@ def _register(instance: PrivateRabbitMQ | PrivatePostgres) -> None:
 def _unregister(instance: PrivateRabbitMQ | PrivatePostgres) -> None:
     with contextlib.suppress(ValueError):
         _Registry.live.remove(instance)
+
+
+@contextlib.contextmanager
+def _starting(instance: PrivateRabbitMQ | PrivatePostgres, began: float) -> Iterator[None]:
+    """Around the start of `instance` (begun at `began`, a `time.monotonic()`): registered for
+    teardown at exit; torn down at once if its start fails; then timed (`started_in_s`)."""
+    _register(instance)
+    try:
+        yield
+    except BaseException:
+        instance.teardown()
+        raise
+    instance.started_in_s = time.monotonic() - began
 
 
 def teardown_all() -> None:

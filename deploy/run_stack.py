@@ -216,11 +216,17 @@ def _how(code: int | None) -> str:
     return f"code {code}"
 
 
+SAME_SIGNAL_S = 1.0
+"""Signals this close together are one request: a terminal's Ctrl-C reaches the whole process
+group, and a wrapper in it (`uv run`, under `make run`) forwards it once more."""
+
+
 class Signals:
     """SIGINT, SIGTERM and SIGHUP, counted; the handler only records, the loops act."""
 
     def __init__(self) -> None:
         self.received: list[signal.Signals] = []
+        self._last_at = -SAME_SIGNAL_S
 
     def install(self) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -230,7 +236,11 @@ class Signals:
             signal.signal(signal.SIGHUP, self._on_signal)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        self.received.append(signal.Signals(signum))
+        now = time.monotonic()
+        duplicate = now - self._last_at < SAME_SIGNAL_S
+        self._last_at = now
+        if not duplicate:
+            self.received.append(signal.Signals(signum))
 
 
 @dataclass

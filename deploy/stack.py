@@ -11,8 +11,6 @@ even by SIGKILL, so none lingers as an orphan.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import re
 import signal
@@ -20,9 +18,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from paceline_infra.children import die_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -35,35 +34,6 @@ COMMANDS = {
 }
 
 _SERVER_PID = re.compile(r"-(\d+)-[0-9a-f]{6}$")
-_PR_SET_PDEATHSIG = 1
-
-
-def _libc_prctl() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
-    prctl: Callable[..., int] = libc.prctl
-    return prctl
-
-
-_PRCTL = _libc_prctl()
-"""Looked up once, here: a child between fork and exec should do as little as it can."""
-
-
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    """Run in the child before exec: SIGTERM when the parent dies (Linux), or now if it has
-    died already."""
-
-    def arrange() -> None:
-        assert _PRCTL is not None
-        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:  # died before the line above: nobody would tell us
-            os._exit(1)
-
-    return arrange
 
 
 @dataclass
@@ -133,7 +103,7 @@ class Stack:
         service = self.services[name]
         log = service.log_path.open("ab")
         service.log_start = log.tell()
-        die_with_us = _PRCTL is not None and threading.current_thread() is threading.main_thread()
+        main_thread = threading.current_thread() is threading.main_thread()
         service.process = subprocess.Popen(
             [str(BIN / COMMANDS[service.kind]), "run"],
             env=self._environ(service.env),
@@ -142,7 +112,7 @@ class Stack:
             stdin=subprocess.DEVNULL,
             cwd=ROOT,
             start_new_session=True,
-            preexec_fn=_die_with_parent(os.getpid()) if die_with_us else None,
+            preexec_fn=die_with_parent(signal.SIGTERM) if main_thread else None,
         )
         service.started_at = time.monotonic()
         log.close()

@@ -16,6 +16,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -83,6 +84,9 @@ class StackEnv:
     used): by default the machine's."""
     rabbitmq_node: str | None = None
     """The broker's node name for `rabbitmqctl -n`, when it is not the machine's broker."""
+    principals: tuple[tuple[str, str], ...] = ()
+    """Principals other than `admin` (whose token is `token`), as (name, token) pairs: the
+    stack's PACELINE_ADMIN_TOKENS (none by default)."""
 
     def __post_init__(self) -> None:
         if self.broker != Broker():
@@ -96,9 +100,11 @@ class StackEnv:
         amqp_url: str = AMQP_URL,
         server_url: str = DATABASE_URL,
         rabbitmq_node: str | None = None,
+        principals: Iterable[str] = (),
     ) -> StackEnv:
         """New names starting with `prefix` (letters and digits), e.g. `plchaos`; on the
-        machine's broker and database server unless given others."""
+        machine's broker and database server unless given others. Each of `principals` (names
+        other than `admin`) gets a token of its own (`token_of`)."""
         tag = secrets.token_hex(5)
         return cls(
             f"{prefix}-{tag}",
@@ -109,6 +115,7 @@ class StackEnv:
             amqp_url,
             server_url,
             rabbitmq_node,
+            tuple((name, secrets.token_urlsafe(24)) for name in principals),
         )
 
     @property
@@ -127,6 +134,16 @@ class StackEnv:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.admin_port}"
 
+    def token_of(self, principal: str) -> str:
+        """The token of `principal`: `admin` (`token`) or one of `principals`."""
+        if principal == "admin":
+            return self.token
+        for name, token in self.principals:
+            if name == principal:
+                return token
+        known = ", ".join(["admin", *(name for name, _ in self.principals)])
+        raise KeyError(f"{principal} is not a principal of this stack (only {known})")
+
     def variables(self) -> dict[str, str]:
         variables = {
             "PACELINE_NAMESPACE": self.namespace,
@@ -136,6 +153,9 @@ class StackEnv:
             "PACELINE_ADMIN_PORT": str(self.admin_port),
             "PACELINE_ADMIN_TOKEN": self.token,
         }
+        if self.principals:
+            # token_urlsafe tokens hold no `,`: they can be written inline.
+            variables["PACELINE_ADMIN_TOKENS"] = ",".join(f"{n}={t}" for n, t in self.principals)
         if self.rabbitmq_node:
             # Not a service setting: what deploy/ensure-services.sh names the node by.
             variables["PACELINE_RABBITMQ_NODE"] = self.rabbitmq_node

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,6 +21,21 @@ from paceline_engine.state import ActivityState, CancelRequest, Flag, InstanceSt
 
 TOKEN = "test-token-" + secrets.token_hex(16)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+"""The token of the principal `admin` (PACELINE_ADMIN_TOKEN), which `client` sends."""
+OPERATORS = (
+    "alice@example.com", "alice@ops", "alice", "ann", "bo", "bob", "carol", "cy", "dan", "dave",
+    "erin", "eve", "fay", "fred", "gil", "hal", "ivy", "jo", "kay", "kim", "lee", "max", "ned",
+    "ola", *(f"operator-{i}" for i in range(5)),
+)  # fmt: skip
+TOKENS = {name: f"{name}-token-{secrets.token_hex(16)}" for name in OPERATORS}
+"""Principals of their own (PACELINE_ADMIN_TOKENS), for the tests that tell who asked."""
+
+
+def as_principal(name: str) -> dict[str, str]:
+    """The header that makes a request the principal `name`'s (who asked is the token's)."""
+    return {"Authorization": f"Bearer {TOKENS[name]}"}
+
+
 HEARTBEAT_S = 0.5
 """How often the admin apps and processes of these tests heartbeat (PACELINE_SERVER_HEARTBEAT_S)."""
 
@@ -77,6 +93,18 @@ def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
     return problem
 
 
+def held(server: str, attempt: int, since: datetime, **fields: Any) -> ActivityState:
+    """An activity whose `attempt` `server` claimed and started at `since`."""
+    return ActivityState(
+        attempt=attempt,
+        server_id=server,
+        started_at=since,
+        claimed_by=server,
+        claimed_at=since,
+        **fields,
+    )
+
+
 def flagged(
     at: datetime,
     *,
@@ -88,16 +116,14 @@ def flagged(
     """A non-restartable activity whose attempt `server` held when it went down."""
     since = at - timedelta(seconds=30)
     reason = f"attempt {attempt} held by {server} since {since.isoformat()} was redelivered"
-    return ActivityState(
+    return held(
+        server,
+        attempt,
+        since,
         type=activity_type,
         status=ActivityStatus.INTERRUPTED,
-        attempt=attempt,
         restartable=False,
-        server_id=server,
-        started_at=since,
         reason=reason,
-        claimed_by=server,
-        claimed_at=since,
         interruptions=1,
         flag=Flag(
             kind=kind,
@@ -117,16 +143,14 @@ def done(status: ActivityStatus = ActivityStatus.COMPLETED) -> ActivityState:
 def running(server: str, attempt: int = 1, *, restartable: bool = False) -> ActivityState:
     """An activity `server` claimed and runs."""
     since = datetime.now(UTC) - timedelta(seconds=5)
-    return ActivityState(
+    return held(
+        server,
+        attempt,
+        since,
         type="noop",
         status=ActivityStatus.RUNNING,
-        attempt=attempt,
         message_attempt=attempt,
         restartable=restartable,
-        server_id=server,
-        started_at=since,
-        claimed_by=server,
-        claimed_at=since,
     )
 
 
@@ -141,17 +165,29 @@ async def insert_instance(
 ) -> tuple[str, str]:
     """An instance row as the scheduler would have written it; its id and trace id."""
     instance_id, trace_id = uuid.uuid4(), secrets.token_hex(16)
-    state = InstanceState(status=status, activities=activities, cancel=cancel, error=error)
-    await pool.execute(
-        "INSERT INTO instances (id, definition, version, status, state, trace_id, traceparent,"
-        " started_by, started_how) VALUES ($1, $2, 1, $3, $4::jsonb, $5, $6, 'tests', 'api')",
-        instance_id,
-        definition,
-        status.value,
-        state.model_dump(mode="json"),
-        trace_id,
-        f"00-{trace_id}-{secrets.token_hex(8)}-01",
-    )
+    counts = Counter(a.status.value for a in activities.values())
+    state = InstanceState(status=status, counts=dict(counts), cancel=cancel, error=error)
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO instances (id, definition, version, status, state, trace_id, traceparent,"
+            " started_by, started_how) VALUES ($1, $2, 1, $3, $4::jsonb, $5, $6, 'tests', 'api')",
+            instance_id,
+            definition,
+            status.value,
+            state.document(),
+            trace_id,
+            f"00-{trace_id}-{secrets.token_hex(8)}-01",
+        )
+        await conn.executemany(
+            # No position, as rows carried over from the single-document layout have: the
+            # admin orders them by the definition.
+            "INSERT INTO activities (instance_id, step, status, state)"
+            " VALUES ($1, $2, $3, $4::jsonb)",
+            [
+                (instance_id, step, a.status.value, a.model_dump(mode="json"))
+                for step, a in activities.items()
+            ],
+        )
     return str(instance_id), trace_id
 
 

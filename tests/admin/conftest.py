@@ -15,7 +15,7 @@ import aio_pika
 import asyncpg
 import httpx
 import pytest
-from admin_support import AUTH, HEARTBEAT_S, TOKEN, Broadcasts
+from admin_support import AUTH, HEARTBEAT_S, TOKEN, TOKENS, Broadcasts
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from fastapi import FastAPI
 
@@ -69,6 +69,7 @@ def settings(database_url: str, namespace: str) -> AdminSettings:
         namespace=namespace,
         amqp_url=AMQP_URL,
         admin_token=TOKEN,
+        admin_tokens=",".join(f"{name}={token}" for name, token in TOKENS.items()),
         server_heartbeat_s=HEARTBEAT_S,
     )
 

@@ -20,6 +20,7 @@ V1_ROUTES = [
     ("GET", f"/v1/instances/{SOME_ID}"),
     ("POST", f"/v1/instances/{SOME_ID}/cancel"),
     ("GET", f"/v1/instances/{SOME_ID}/history"),
+    ("GET", f"/v1/instances/{SOME_ID}/activities"),
     ("POST", f"/v1/instances/{SOME_ID}/activities/some-step/resolve"),
     ("GET", "/v1/flags"),
     ("GET", "/v1/servers"),

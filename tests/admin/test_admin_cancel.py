@@ -17,6 +17,7 @@ import orjson
 import pytest
 from admin_support import (
     Broadcasts,
+    as_principal,
     assert_problem,
     body_of,
     create_definition,
@@ -80,15 +81,24 @@ async def record_as_the_scheduler(
 ) -> None:
     """What the scheduler writes when it records the cancel."""
     cancel = CancelRequest(by=by, reason="from the command", requested_at=datetime.now(UTC))
-    await pool.execute(
-        "UPDATE instances SET status = $2,"
-        " state = jsonb_set(jsonb_set(jsonb_set(state, '{status}', to_jsonb($2::text)),"
-        " '{cancel}', $3::jsonb), '{activities}', $4::jsonb) WHERE id = $1",
-        uuid.UUID(instance_id),
-        status.value,
-        cancel.model_dump(mode="json"),
-        {step: a.model_dump(mode="json") for step, a in activities.items()},
-    )
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "UPDATE instances SET status = $2,"
+            " state = jsonb_set(jsonb_set(state, '{status}', to_jsonb($2::text)),"
+            " '{cancel}', $3::jsonb) WHERE id = $1",
+            uuid.UUID(instance_id),
+            status.value,
+            cancel.model_dump(mode="json"),
+        )
+        await conn.executemany(
+            "INSERT INTO activities (instance_id, step, status, state)"
+            " VALUES ($1, $2, $3, $4::jsonb) ON CONFLICT (instance_id, step)"
+            " DO UPDATE SET status = excluded.status, state = excluded.state",
+            [
+                (uuid.UUID(instance_id), step, a.status.value, a.model_dump(mode="json"))
+                for step, a in activities.items()
+            ],
+        )
 
 
 async def test_cancel_records_who_asked_and_sends_the_command_and_the_broadcast(
@@ -101,7 +111,7 @@ async def test_cancel_records_who_asked_and_sends_the_command_and_the_broadcast(
     response = await client.post(
         cancel_url(instance_id),
         json={"reason": "wrong host"},
-        headers={"X-Paceline-Operator": "alice@example.com"},
+        headers=as_principal("alice@example.com"),
     )
     assert response.status_code == 202, response.text
     answer = response.json()
@@ -115,6 +125,7 @@ async def test_cancel_records_who_asked_and_sends_the_command_and_the_broadcast(
             "reason": "wrong host",
             "requested_at": answer["cancel"]["requested_at"],
         },
+        "waiting_for": [],
         "cancel_requested": True,
     }
     assert datetime.fromisoformat(answer["cancel"]["requested_at"]) == row["requested_at"]
@@ -135,18 +146,18 @@ async def test_cancel_records_who_asked_and_sends_the_command_and_the_broadcast(
     assert await pool.fetchval("SELECT count(*) FROM outbox") == 0  # both flushed
 
 
-async def test_without_an_operator_the_token_holder_is_who_cancelled(
+async def test_the_admin_token_s_principal_is_admin(
     client: httpx.AsyncClient, pool: asyncpg.Pool, commands: AbstractQueue
 ) -> None:
     instance_id, _ = await instance(client, pool, InstanceStatus.PENDING, {})
     response = await client.post(cancel_url(instance_id))  # no body at all
     assert response.status_code == 202, response.text
     cancel = response.json()["cancel"]
-    assert (cancel["by"], cancel["reason"]) == ("admin-token", "cancelled by an operator")
+    assert (cancel["by"], cancel["reason"]) == ("admin", "cancelled by an operator")
     [row] = await requests_of(pool, instance_id)
-    assert row["by"] == "admin-token"
+    assert row["by"] == "admin"
     [message] = await drain(commands)
-    assert body_of(message)["by"] == "admin-token"
+    assert body_of(message)["by"] == "admin"
 
 
 async def test_the_command_and_the_broadcast_commit_with_the_request(
@@ -159,9 +170,7 @@ async def test_the_command_and_the_broadcast_commit_with_the_request(
 
     with monkeypatch.context() as patch:
         patch.setattr(outbox, "flush", no_flush)
-        response = await client.post(
-            cancel_url(instance_id), headers={"X-Paceline-Operator": "bob"}
-        )
+        response = await client.post(cancel_url(instance_id), headers=as_principal("bob"))
     assert response.status_code == 202, response.text
     [row] = await requests_of(pool, instance_id)
     staged = await pool.fetch(
@@ -210,11 +219,11 @@ async def test_a_repeat_answers_as_the_first_cancel_did(
 ) -> None:
     instance_id, _ = await instance(client, pool)
     first = await client.post(
-        cancel_url(instance_id), json={"reason": "first"}, headers={"X-Paceline-Operator": "ann"}
+        cancel_url(instance_id), json={"reason": "first"}, headers=as_principal("ann")
     )
     assert first.status_code == 202, first.text
     again = await client.post(
-        cancel_url(instance_id), json={"reason": "second"}, headers={"X-Paceline-Operator": "bo"}
+        cancel_url(instance_id), json={"reason": "second"}, headers=as_principal("bo")
     )
     assert again.status_code == 202, again.text
     assert again.json() == first.json()
@@ -224,9 +233,11 @@ async def test_a_repeat_answers_as_the_first_cancel_did(
     await record_as_the_scheduler(
         pool, instance_id, InstanceStatus.CANCELLING, {"second": running("worker-3", 2)}, "ann"
     )
-    later = await client.post(cancel_url(instance_id), headers={"X-Paceline-Operator": "cy"})
+    later = await client.post(cancel_url(instance_id), headers=as_principal("cy"))
     assert later.status_code == 202, later.text
-    assert later.json() == {**first.json(), "status": "CANCELLING"}
+    # ...and what it still waits for: the attempt granted before the cancel was recorded.
+    waiting = [{"step": "second", "attempt": 2, "server": "worker-3"}]
+    assert later.json() == {**first.json(), "status": "CANCELLING", "waiting_for": waiting}
     assert len(await requests_of(pool, instance_id)) == 1
     assert len(await drain(commands)) == 1  # one command, one broadcast for all three
     assert len(await broadcasts(instance_id)) == 1
@@ -245,7 +256,7 @@ async def test_concurrent_first_cancels_record_one(
             client.post(
                 cancel_url(instance_id),
                 json={"reason": f"asked by {who}"},
-                headers={"X-Paceline-Operator": who},
+                headers=as_principal(who),
             )
             for who in operators
         )
@@ -298,12 +309,13 @@ async def test_an_instance_cancelled_without_a_request_answers_as_cancelled(
     at = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
     engine = CancelRequest(by="old-admin", reason="by an older version", requested_at=at)
     cancelled, _ = await instance(client, pool, InstanceStatus.CANCELLED, {}, cancel=engine)
-    response = await client.post(cancel_url(cancelled), headers={"X-Paceline-Operator": "dan"})
+    response = await client.post(cancel_url(cancelled), headers=as_principal("dan"))
     assert response.status_code == 202, response.text
     assert response.json() == {
         "id": cancelled,
         "status": "CANCELLED",
         "cancel": {"by": "old-admin", "reason": "by an older version", "requested_at": at_z(at)},
+        "waiting_for": [],
         "cancel_requested": True,
     }
     bare, _ = await instance(client, pool, InstanceStatus.CANCELLED, {})
@@ -337,7 +349,7 @@ async def test_the_answer_waits_for_the_scheduler_to_record_the_cancel(
     loop = asyncio.get_running_loop()
     started = loop.time()
     response, recorded_at = await asyncio.gather(
-        client.post(cancel_url(instance_id), headers={"X-Paceline-Operator": "eve"}),
+        client.post(cancel_url(instance_id), headers=as_principal("eve")),
         scheduler(),
     )
     answered = loop.time()
@@ -369,7 +381,7 @@ async def test_a_cancelling_instance_shows_what_the_cancel_waits_for(
     )
     assert (await client.get(f"/v1/instances/{instance_id}")).json()["cancel"] is None
     answer = await client.post(
-        cancel_url(instance_id), json={"reason": "stop"}, headers={"X-Paceline-Operator": "fay"}
+        cancel_url(instance_id), json={"reason": "stop"}, headers=as_principal("fay")
     )
     assert answer.status_code == 202, answer.text
     first = answer.json()["cancel"]
@@ -439,7 +451,31 @@ async def test_bad_cancel_bodies_are_refused_and_record_nothing(
         assert_problem(await client.post(url, json=body), 422)
     broken = await client.post(url, content=b'{"reason": ', headers=JSON)
     assert_problem(broken, 400)
-    too_long = await client.post(url, headers={"X-Paceline-Operator": "x" * 201})
-    assert "X-Paceline-Operator" in assert_problem(too_long, 422)["detail"]
     assert await requests_of(pool, instance_id) == []
     assert await drain(commands, settle_s=0.05) == []
+
+
+async def test_a_cancel_overtaken_by_the_instance_s_own_end_is_409(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The instance completed before the scheduler could apply the cancel: nothing was
+    cancelled, so the answer (and any repeat) is 409, not a 202 showing COMPLETED."""
+    monkeypatch.setattr(cancelling, "RECORD_WAIT_S", 5.0)
+    instance_id, _ = await instance(client, pool)
+
+    async def complete_meanwhile() -> None:
+        await asyncio.sleep(0.3)
+        await pool.execute(
+            "UPDATE instances SET status = 'COMPLETED' WHERE id = $1", uuid.UUID(instance_id)
+        )
+
+    answer, _ = await asyncio.gather(
+        client.post(cancel_url(instance_id), headers=as_principal("ann")),
+        complete_meanwhile(),
+    )
+    problem = assert_problem(answer, 409)
+    assert problem["type"].endswith("instance-ended")
+    assert "ended COMPLETED before the cancel asked by ann" in problem["detail"]
+    assert "nothing was cancelled" in problem["detail"]
+    again = assert_problem(await client.post(cancel_url(instance_id)), 409)
+    assert "before the cancel asked by ann" in again["detail"]

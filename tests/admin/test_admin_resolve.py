@@ -15,6 +15,7 @@ import asyncpg
 import httpx
 import pytest
 from admin_support import (
+    as_principal,
     assert_problem,
     body_of,
     create_definition,
@@ -60,9 +61,15 @@ def resolve_url(instance_id: str, step: str = "push") -> str:
 async def resolve(
     client: httpx.AsyncClient, instance_id: str, who: str, **body: Any
 ) -> httpx.Response:
-    return await client.post(
-        resolve_url(instance_id), json=body, headers={"X-Paceline-Operator": who}
-    )
+    return await client.post(resolve_url(instance_id), json=body, headers=as_principal(who))
+
+
+async def assert_sent(
+    client: httpx.AsyncClient, commands: AbstractQueue, instance_id: str, who: str, action: str
+) -> None:
+    """`who`'s `action` on the flag of `push` (no force) is accepted, and its command sent."""
+    assert (await resolve(client, instance_id, who, action=action)).status_code == 202
+    assert len(await drain(commands)) == 1
 
 
 async def decisions(pool: asyncpg.Pool, instance_id: str) -> list[asyncpg.Record]:
@@ -77,9 +84,10 @@ async def decisions(pool: asyncpg.Pool, instance_id: str) -> list[asyncpg.Record
 async def set_push(pool: asyncpg.Pool, instance_id: str, push: ActivityState) -> None:
     """As the scheduler writes the activity after applying a decision."""
     await pool.execute(
-        "UPDATE instances SET state = jsonb_set(state, '{activities,push}', $2::jsonb)"
-        " WHERE id = $1",
+        "UPDATE activities SET status = $2, state = $3::jsonb WHERE instance_id = $1"
+        " AND step = 'push'",
         uuid.UUID(instance_id),
+        push.status.value,
         push.model_dump(mode="json"),
     )
 
@@ -179,9 +187,7 @@ async def test_no_resolve_while_a_cancel_is_requested_or_recorded(
     client: httpx.AsyncClient, pool: asyncpg.Pool, commands: AbstractQueue
 ) -> None:
     requested = await flagged_instance(client, pool)
-    cancel = await client.post(
-        f"/v1/instances/{requested}/cancel", headers={"X-Paceline-Operator": "hal"}
-    )
+    cancel = await client.post(f"/v1/instances/{requested}/cancel", headers=as_principal("hal"))
     assert cancel.status_code == 202, cancel.text
     await drain(commands)
     problem = assert_problem(await resolve(client, requested, "ivy", action="retry"), 409)
@@ -239,12 +245,18 @@ async def test_retry_while_the_holder_heartbeats_since_the_flag_needs_force(
     assert await decisions(pool, instance_id) == []
     assert await drain(commands, settle_s=0.05) == []
 
+    # Only a JSON true forces: a string that merely reads as one is refused.
+    loose = assert_problem(
+        await resolve(client, instance_id, "jo", action="retry", force="yes"), 422
+    )
+    assert [e["path"] for e in loose["errors"]] == ["force"]
     forced = await resolve(client, instance_id, "jo", action="retry", force=True)
     assert forced.status_code == 202, forced.text
     [row] = await decisions(pool, instance_id)
     assert (row["action"], row["by"], row["forced"]) == ("retry", "jo", True)
     [message] = await drain(commands)
     assert (body_of(message)["action"], body_of(message)["attempt"]) == ("retry", 1)
+    assert body_of(message)["forced"] is True  # so that the history can say so
     # Decided: a later retry is told of that decision, whatever the holder does.
     again = assert_problem(await resolve(client, instance_id, "kay", action="retry"), 409)
     assert again["type"].endswith("already-resolved")
@@ -262,8 +274,7 @@ async def test_skip_and_fail_need_no_force_and_force_is_only_for_retry(
         await resolve(client, instance_id, "kim", action="skip", force=True), 422
     )
     assert [e["path"] for e in problem["errors"]] == ["force"]
-    assert (await resolve(client, instance_id, "kim", action="skip")).status_code == 202
-    assert len(await drain(commands)) == 1
+    await assert_sent(client, commands, instance_id, "kim", "skip")
 
 
 @pytest.mark.parametrize(
@@ -292,8 +303,7 @@ async def test_a_holder_not_alive_since_the_flag_allows_a_retry(
     assert (holder["alive_since_flag"], holder["may_still_finish"]) == (False, False)
     if status == "LOST":
         assert holder["note"].startswith(f"{server} is LOST")
-    assert (await resolve(client, instance_id, "lee", action="retry")).status_code == 202
-    assert len(await drain(commands)) == 1
+    await assert_sent(client, commands, instance_id, "lee", "retry")
 
 
 async def test_a_holder_not_in_the_registry_is_shown_unknown(
@@ -308,8 +318,7 @@ async def test_a_holder_not_in_the_registry_is_shown_unknown(
         False,
     )
     assert "not in the server registry" in holder["note"]
-    assert (await resolve(client, instance_id, "max", action="retry")).status_code == 202
-    assert len(await drain(commands)) == 1
+    await assert_sent(client, commands, instance_id, "max", "retry")
 
 
 async def test_a_holder_that_reported_the_end_itself_is_alive_but_the_attempt_is_over(
@@ -326,8 +335,7 @@ async def test_a_holder_that_reported_the_end_itself_is_alive_but_the_attempt_is
     holder = await holder_of(client, instance_id)
     assert (holder["alive_since_flag"], holder["may_still_finish"]) == (True, False)
     assert "reported the end of attempt 1 itself" in holder["note"]
-    assert (await resolve(client, instance_id, "ned", action="retry")).status_code == 202
-    assert len(await drain(commands)) == 1
+    await assert_sent(client, commands, instance_id, "ned", "retry")
 
 
 async def test_a_holder_alive_that_no_longer_runs_the_attempt_allows_a_retry(
@@ -344,5 +352,4 @@ async def test_a_holder_alive_that_no_longer_runs_the_attempt_allows_a_retry(
     assert (holder["alive_since_flag"], holder["lists_attempt_in_flight"]) == (True, False)
     assert holder["may_still_finish"] is False
     assert "no longer runs attempt 1" in holder["note"]
-    assert (await resolve(client, instance_id, "ola", action="retry")).status_code == 202
-    assert len(await drain(commands)) == 1
+    await assert_sent(client, commands, instance_id, "ola", "retry")

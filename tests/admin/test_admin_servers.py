@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from admin_support import assert_problem, drain, insert_server, next_heartbeat
+from admin_support import as_principal, assert_problem, drain, insert_server, next_heartbeat
 from aio_pika.abc import AbstractChannel, AbstractQueue
 from fastapi import FastAPI
 
@@ -198,7 +198,7 @@ async def test_drain_sends_a_drain_to_the_server_s_own_queue(
     assert message.type == "server.drain"
     assert message.headers.get("traceparent")
     command = DRAIN.validate_json(message.body)
-    assert (command.server_id, command.by) == (server, "admin-token")
+    assert (command.server_id, command.by) == (server, "admin")
     assert await drain(other_queue) == []
 
 
@@ -207,9 +207,7 @@ async def test_drain_of_a_draining_server_is_sent_again_with_the_operator(
 ) -> None:
     server = await insert_server(pool, status=ServerStatus.DRAINING)
     queue = await connected(server)
-    response = await client.post(
-        f"/v1/servers/{server}/drain", headers={"X-Paceline-Operator": "alice@ops"}
-    )
+    response = await client.post(f"/v1/servers/{server}/drain", headers=as_principal("alice@ops"))
     assert response.status_code == 202, response.text
     assert response.json() == {"id": server, "status": "DRAINING", "drain_requested": True}
     (message,) = await drain(queue)

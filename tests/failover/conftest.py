@@ -4,10 +4,13 @@ parts of it with real signals, and checks what the operator would see."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import shutil
 import sys
+import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,50 @@ FAST_LIVENESS = {
     "PACELINE_SERVER_LOST_AFTER_S": "4",
 }
 
+OPERATORS = (
+    "ops-alice",
+    "ops-ann",
+    "ops-ben",
+    "ops-bob",
+    "ops-carol",
+    "ops-cat",
+    "ops-dan",
+    "ops-eve",
+)
+"""Principals every test stack has besides `admin`, each with a token of its own (generated per
+stack): what a request does is recorded with the name of the principal whose token it carries
+(`as_principal`)."""
+
+
+class StackApi(httpx.AsyncClient):
+    """A client of a test stack's API, as `admin`; `env` has every principal's token."""
+
+    def __init__(self, env: StackEnv, **kwargs: Any) -> None:
+        super().__init__(
+            base_url=env.base_url, headers={"Authorization": f"Bearer {env.token}"}, **kwargs
+        )
+        self.env = env
+
+
+def as_principal(api: httpx.AsyncClient, name: str) -> dict[str, str]:
+    """Headers that make a request of `api` (a `make_stack` client) the principal `name`."""
+    assert isinstance(api, StackApi), "not a client of a stack of make_stack"
+    return {"Authorization": f"Bearer {api.env.token_of(name)}"}
+
+
 StackFactory = Callable[..., Awaitable[tuple[Stack, httpx.AsyncClient]]]
+
+# Kills the process that runs it: its parent (a worker, or an isolated runner).
+POISON = {
+    "id": "boom",
+    "type": "shell.command",
+    "restartable": True,
+    "with": {"argv": ["sh", "-c", "kill -9 $PPID; sleep 5"]},
+}
+
+needs_rabbitmqctl = pytest.mark.skipif(
+    not shutil.which("rabbitmqctl"), reason="needs the broker's rabbitmqctl"
+)
 
 
 @pytest.fixture
@@ -76,8 +122,9 @@ async def first_held_effects() -> AsyncIterator[Sink]:
 @pytest.fixture
 async def make_stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
     """`await make_stack(workers=[{env}, ...])` -> (stack, api client); on a private broker
-    and/or database server (deploy/private_services.py) when given, else the machine's."""
-    made: list[tuple[StackEnv, Stack, httpx.AsyncClient]] = []
+    and/or database server (deploy/private_services.py) when given, else the machine's. The
+    client calls as `admin`; `as_principal` makes a request one of `OPERATORS`."""
+    made: list[tuple[StackEnv, Stack, StackApi]] = []
 
     async def make(
         workers: list[dict[str, str]] | None = None,
@@ -90,6 +137,7 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
             amqp_url=broker.url if broker else AMQP_URL,
             rabbitmq_node=broker.node if broker else None,
             server_url=database.url if database else DATABASE_URL,
+            principals=OPERATORS,
         )
         stack = Stack(env={**env.variables(), **FAST_LIVENESS}, log_dir=tmp_path / env.namespace)
         stack.migrate()
@@ -99,9 +147,7 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
         stack.add("reporting")
         stack.add("admin")
         await wait_ready(env, stack)
-        api = httpx.AsyncClient(
-            base_url=env.base_url, timeout=30, headers={"Authorization": f"Bearer {env.token}"}
-        )
+        api = StackApi(env, timeout=30)
         made.append((env, stack, api))
         return stack, api
 
@@ -118,6 +164,20 @@ def service_of(stack: Stack, server_id: str) -> Service:
     service = stack.serving(server_id)
     assert service is not None, f"no service of this stack is {server_id}"
     return service
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def effect_path() -> str:
+    """A path of its own on the effect sink, to count one test's requests."""
+    return f"/effect/{uuid.uuid4().hex[:8]}"
+
+
+def poison_flow() -> dict:
+    """A definition (its name unique) whose only step is `POISON`."""
+    return {"name": f"poison-{uuid.uuid4().hex[:6]}", "steps": [POISON]}
 
 
 def post_flow(name: str, effects: Sink, hold: float, *, then_noop: bool = True) -> dict:
@@ -143,6 +203,16 @@ def post_command(url: str) -> str:
         return f"curl -s -o /dev/null -X POST {shlex.quote(url)}"
     code = f"import urllib.request as u; u.urlopen(u.Request({url!r}, data=b'', method='POST'))"
     return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"
+
+
+def step_of(body: dict, step: str) -> dict:
+    """The activity of `step` in an instance as the API shows it (`body`)."""
+    return next(a for a in body["activities"] if a["step"] == step)
+
+
+async def sleep_until(moment: float) -> None:
+    """Sleep until `time.time()` reaches `moment`."""
+    await asyncio.sleep(max(0.0, moment - time.time()))
 
 
 async def activity(api: httpx.AsyncClient, instance_id: str, step: str) -> dict:
@@ -209,6 +279,27 @@ async def define_and_start(
     return str(started.json()["id"])
 
 
+async def start_flow(api: httpx.AsyncClient, prefix: str, steps: list[dict]) -> str:
+    """Define `steps` under a name of their own (`prefix`-...) and start an instance of them."""
+    return await define_and_start(api, {"name": unique_name(prefix), "steps": steps})
+
+
+async def busy_single_slot_worker(
+    make_stack: StackFactory, prefetch: int, nap_s: float
+) -> tuple[Stack, httpx.AsyncClient, str, str]:
+    """A stack of one worker that runs one activity at a time but holds (prefetches) up to
+    `prefetch` messages, busy with a `nap` of `nap_s` seconds: the stack, its API client, the
+    napping instance and the worker's server id."""
+    stack, api = await make_stack(
+        workers=[{"PACELINE_WORKER_CONCURRENCY": "1", "PACELINE_WORKER_PREFETCH": str(prefetch)}]
+    )
+    busy = await start_flow(
+        api, "busy", [{"id": "nap", "type": "sleep", "with": {"seconds": nap_s}}]
+    )
+    holder = (await wait_running(api, busy, "nap"))["claimed_by"]
+    return stack, api, busy, holder
+
+
 async def assert_work_queues_empty(stack: Stack) -> None:
     namespace = stack.env["PACELINE_NAMESPACE"]
     live = {queue_name(namespace, q) for q in Queue}
@@ -225,3 +316,37 @@ async def revive_until(stack: Stack, done: asyncio.Event) -> None:
     while not done.is_set():
         stack.revive_dead()
         await asyncio.sleep(0.2)
+
+
+@contextlib.asynccontextmanager
+async def reviving(stack: Stack) -> AsyncIterator[None]:
+    """Within it, any service of `stack` that dies is started again (`revive_until`)."""
+    done = asyncio.Event()
+    supervisor = asyncio.create_task(revive_until(stack, done))
+    try:
+        yield
+    finally:
+        done.set()
+        await supervisor
+
+
+async def rabbitmqctl(*args: str) -> str:
+    """What `rabbitmqctl -q <args>` prints (the machine's broker; see `needs_rabbitmqctl`)."""
+    proc = await asyncio.create_subprocess_exec(
+        "rabbitmqctl",
+        "-q",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return out.decode()
+
+
+async def close_connection_of(server_id: str) -> None:
+    """A network blip, as the broker sees it: the broker closes the connection of the server
+    `server_id` (which must have exactly one)."""
+    connections = await rabbitmqctl("list_connections", "pid", "client_properties")
+    pids = [line.split()[0] for line in connections.splitlines() if server_id in line]
+    assert len(pids) == 1, connections
+    await rabbitmqctl("close_connection", pids[0], "test: a network blip")

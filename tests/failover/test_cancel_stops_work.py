@@ -16,10 +16,15 @@ from stack_env import queue_details
 
 from failover.conftest import (
     StackFactory,
+    as_principal,
     assert_work_queues_empty,
-    define_and_start,
+    busy_single_slot_worker,
+    effect_path,
     history,
     post_command,
+    sleep_until,
+    start_flow,
+    step_of,
     wait_running,
     wait_status,
 )
@@ -31,34 +36,18 @@ pytestmark = pytest.mark.integration
 ONE_SLOT = {"PACELINE_WORKER_CONCURRENCY": "1"}
 
 
-def _name(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def _step(body: dict, step: str) -> dict:
-    return next(a for a in body["activities"] if a["step"] == step)
-
-
-async def _until(moment: float) -> None:
-    await asyncio.sleep(max(0.0, moment - time.time()))
-
-
 async def _cancel(
     api: httpx.AsyncClient, instance_id: str, by: str | None = None, reason: str | None = None
 ) -> httpx.Response:
     return await api.post(
         f"/v1/instances/{instance_id}/cancel",
         json={"reason": reason} if reason else None,
-        headers={"X-Paceline-Operator": by} if by else None,
+        headers=as_principal(api, by) if by else None,
     )
 
 
-async def _start_flow(api: httpx.AsyncClient, prefix: str, steps: list[dict]) -> str:
-    return await define_and_start(api, {"name": _name(prefix), "steps": steps})
-
-
 async def _noop_flow(api: httpx.AsyncClient) -> str:
-    return await _start_flow(api, "next", [{"id": "hello", "type": "noop", "with": {"x": 1}}])
+    return await start_flow(api, "next", [{"id": "hello", "type": "noop", "with": {"x": 1}}])
 
 
 async def _stop_note(api: httpx.AsyncClient, instance_id: str) -> dict | None:
@@ -99,10 +88,10 @@ async def test_cancelled_running_shell_command_is_stopped_its_late_effect_never_
     make_stack: StackFactory, effects: Sink
 ) -> None:
     stack, api = await make_stack(workers=[ONE_SLOT])
-    path = f"/effect/{uuid.uuid4().hex[:8]}"
+    path = effect_path()
     script = f"sleep 10; {post_command(effects.url + path)}"
     step = {"id": "run", "type": "shell.command", "with": {"argv": ["sh", "-c", script]}}
-    instance_id = await _start_flow(api, "late", [step])
+    instance_id = await start_flow(api, "late", [step])
     holder = (await wait_running(api, instance_id, "run"))["claimed_by"]
     running_seen = time.time()
     # A second instance waits for the worker's only slot.
@@ -117,21 +106,21 @@ async def test_cancelled_running_shell_command_is_stopped_its_late_effect_never_
     # Its slot is free: the follower runs long before the 10 s sleep would have ended.
     await wait_status(api, follower, "COMPLETED", timeout=20)
 
-    run = _step(done, "run")
+    run = step_of(done, "run")
     assert run["status"] == "CANCELLED"
     expected = f"cancelled while running on {holder}: outcome unknown"
     assert expected in run["reason"], run
     cancelled = [h for h in await history(api, instance_id) if h["kind"] == "activity_cancelled"]
     assert any(expected in h["reason"] for h in cancelled), cancelled
     # Had the command gone on, its POST would arrive 10 s after it started.
-    await _until(running_seen + 15)
+    await sleep_until(running_seen + 15)
     assert effects.count(path) == 0, "the cancelled command went on and had its effect"
     await assert_work_queues_empty(stack)
 
 
 async def test_cancelled_long_sleep_frees_its_slot(make_stack: StackFactory) -> None:
     stack, api = await make_stack(workers=[ONE_SLOT])
-    sleeper = await _start_flow(
+    sleeper = await start_flow(
         api, "long", [{"id": "nap", "type": "sleep", "with": {"seconds": 60}}]
     )
     holder = (await wait_running(api, sleeper, "nap"))["claimed_by"]
@@ -144,7 +133,7 @@ async def test_cancelled_long_sleep_frees_its_slot(make_stack: StackFactory) -> 
     done = await wait_status(api, sleeper, "CANCELLED", timeout=15)
     # Well before the 60 s sleep would have ended.
     await wait_status(api, follower, "COMPLETED", timeout=20)
-    nap = _step(done, "nap")
+    nap = step_of(done, "nap")
     assert nap["status"] == "CANCELLED"
     assert f"cancelled while running on {holder}" in nap["reason"], nap
     assert "outcome unknown" not in nap["reason"], "a sleep has no effect to lose"
@@ -155,23 +144,17 @@ async def test_cancelled_prefetched_activities_never_start(
     make_stack: StackFactory, effects: Sink
 ) -> None:
     # One slot; the worker also holds (prefetches) every message behind the running one.
-    stack, api = await make_stack(
-        workers=[{"PACELINE_WORKER_CONCURRENCY": "1", "PACELINE_WORKER_PREFETCH": "4"}]
-    )
+    stack, api, sleeper, _ = await busy_single_slot_worker(make_stack, prefetch=4, nap_s=60)
     namespace = stack.env["PACELINE_NAMESPACE"]
-    sleeper = await _start_flow(
-        api, "busy", [{"id": "nap", "type": "sleep", "with": {"seconds": 60}}]
-    )
-    await wait_running(api, sleeper, "nap")
 
     key = uuid.uuid4().hex[:8]
     waiting = {
-        "get": await _start_flow(
+        "get": await start_flow(
             api,
             "get",
             [{"id": "go", "type": "http.request", "with": {"url": f"{effects.url}/read/{key}"}}],
         ),
-        "restartable-post": await _start_flow(
+        "restartable-post": await start_flow(
             api,
             "rpost",
             [
@@ -183,7 +166,7 @@ async def test_cancelled_prefetched_activities_never_start(
                 }
             ],
         ),
-        "post": await _start_flow(
+        "post": await start_flow(
             api,
             "post",
             [
@@ -202,7 +185,7 @@ async def test_cancelled_prefetched_activities_never_start(
             return None
         for instance_id in waiting.values():
             body = (await api.get(f"/v1/instances/{instance_id}")).json()
-            if _step(body, "go")["status"] != "SCHEDULED":
+            if step_of(body, "go")["status"] != "SCHEDULED":
                 return None
         return details
 
@@ -221,7 +204,7 @@ async def test_cancelled_prefetched_activities_never_start(
         assert note["step"] == "go", what
         body = (await api.get(f"/v1/instances/{instance_id}")).json()
         assert body["status"] == "CANCELLED", what
-        go = _step(body, "go")
+        go = step_of(body, "go")
         assert go["status"] == "CANCELLED", what
         assert go["reason"] == "cancelled by ops-cat before it started", (what, go)
         kinds = [h["kind"] for h in await history(api, instance_id)]
@@ -238,8 +221,8 @@ async def test_worker_started_after_the_cancel_never_starts_its_activity(
 ) -> None:
     # No worker yet: the activity message waits in the queue while the cancel is answered.
     stack, api = await make_stack(workers=[])
-    path = f"/effect/{uuid.uuid4().hex[:8]}"
-    instance_id = await _start_flow(
+    path = effect_path()
+    instance_id = await start_flow(
         api,
         "before",
         [
@@ -270,7 +253,7 @@ async def test_worker_started_after_the_cancel_never_starts_its_activity(
     body = (await api.get(f"/v1/instances/{instance_id}")).json()
     assert body["status"] == "CANCELLED"
     assert [a["step"] for a in body["activities"]] == ["go"]
-    assert _step(body, "go")["status"] == "CANCELLED"
+    assert step_of(body, "go")["status"] == "CANCELLED"
     await assert_work_queues_empty(stack)
 
 
@@ -279,7 +262,7 @@ async def test_cancel_of_an_ended_instance_is_refused_naming_its_status(
 ) -> None:
     stack, api = await make_stack()
     completed = await _noop_flow(api)
-    failed = await _start_flow(
+    failed = await start_flow(
         api, "fails", [{"id": "run", "type": "shell.command", "with": {"argv": ["false"]}}]
     )
     await wait_status(api, completed, "COMPLETED")
@@ -303,7 +286,7 @@ async def test_repeated_cancel_answers_as_the_first_and_the_history_names_who_as
 ) -> None:
     stack, api = await make_stack()
     # Told to stop, it takes 10 s: the instance stays CANCELLING meanwhile.
-    instance_id = await _start_flow(api, "twice", [_trapping_shell(10, kill_grace=20)])
+    instance_id = await start_flow(api, "twice", [_trapping_shell(10, kill_grace=20)])
     await wait_running(api, instance_id, "run")
 
     first = await _cancel(api, instance_id, by="ops-alice", reason="wrong inputs")
@@ -342,7 +325,7 @@ async def test_cancelling_is_visible_until_the_running_step_has_stopped(
     make_stack: StackFactory,
 ) -> None:
     stack, api = await make_stack()
-    instance_id = await _start_flow(api, "slowstop", [_trapping_shell(4, kill_grace=8)])
+    instance_id = await start_flow(api, "slowstop", [_trapping_shell(4, kill_grace=8)])
     holder = (await wait_running(api, instance_id, "run"))["claimed_by"]
 
     r = await _cancel(api, instance_id, by="ops-eve")
@@ -353,13 +336,13 @@ async def test_cancelling_is_visible_until_the_running_step_has_stopped(
     assert body["cancel"]["by"] == "ops-eve"
     assert body["cancel"]["recorded"] is True
     assert body["cancel"]["waiting_for"] == [{"step": "run", "attempt": 1, "server": holder}]
-    run = _step(body, "run")
+    run = step_of(body, "run")
     assert run["status"] == "RUNNING"
     assert holder in run["reason"] and "told to stop" in run["reason"], run
 
     done = await wait_status(api, instance_id, "CANCELLED", timeout=30)
     assert done["cancel"]["waiting_for"] == []
-    run = _step(done, "run")
+    run = step_of(done, "run")
     assert run["status"] == "CANCELLED"
     assert f"cancelled while running on {holder}: outcome unknown" in run["reason"], run
     events = await history(api, instance_id)

@@ -13,6 +13,7 @@ from failover.conftest import (
     StackFactory,
     activity,
     assert_work_queues_empty,
+    busy_single_slot_worker,
     define_and_start,
     history,
     post_flow,
@@ -142,14 +143,8 @@ async def test_prefetched_only_non_restartable_runs_on_the_survivor_unflagged(
     make_stack: StackFactory, effects: Sink
 ) -> None:
     # One worker that runs one activity at a time but holds two messages.
-    stack, api = await make_stack(
-        workers=[{"PACELINE_WORKER_CONCURRENCY": "1", "PACELINE_WORKER_PREFETCH": "2"}]
-    )
+    stack, api, busy, holder = await busy_single_slot_worker(make_stack, prefetch=2, nap_s=30)
     namespace = stack.env["PACELINE_NAMESPACE"]
-    busy = await define_and_start(
-        api, {"name": _name(), "steps": [{"id": "nap", "type": "sleep", "with": {"seconds": 30}}]}
-    )
-    holder = (await wait_running(api, busy, "nap"))["claimed_by"]
     key = uuid.uuid4().hex[:8]
     waiting = await define_and_start(api, post_flow(_name(), effects, hold=0), {"key": key})
 

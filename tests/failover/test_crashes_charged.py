@@ -19,8 +19,9 @@ from failover.conftest import (
     assert_work_queues_empty,
     define_and_start,
     history,
+    poison_flow,
     post_flow,
-    revive_until,
+    reviving,
     wait_running,
     wait_settled,
     wait_status,
@@ -29,13 +30,6 @@ from integration.harness import wait_for
 
 pytestmark = pytest.mark.integration
 
-# Kills the process that runs it: its parent (a worker, or an isolated runner).
-POISON = {
-    "id": "boom",
-    "type": "shell.command",
-    "restartable": True,
-    "with": {"argv": ["sh", "-c", "kill -9 $PPID; sleep 5"]},
-}
 _CRASH = re.compile(r"attempt (\d+) on (\S+) \(held since [^,]+, lost at [^,]+, (alone|among)")
 
 
@@ -87,9 +81,7 @@ async def test_healthy_neighbours_of_a_poison_complete_unflagged_on_two_workers(
     make_stack: StackFactory, effects: Sink
 ) -> None:
     stack, api = await make_stack()  # two workers
-    reviving = asyncio.Event()
-    supervisor = asyncio.create_task(revive_until(stack, reviving))
-    try:
+    async with reviving(stack):
         healthy_flow = {
             "name": f"fine-{uuid.uuid4().hex[:6]}",
             "steps": [
@@ -97,16 +89,13 @@ async def test_healthy_neighbours_of_a_poison_complete_unflagged_on_two_workers(
                 {"id": "read", "type": "http.request", "with": {"url": f"{effects.url}/read"}},
             ],
         }
-        poison_flow = {"name": f"poison-{uuid.uuid4().hex[:6]}", "steps": [POISON]}
+        poisoned_flow = poison_flow()
         await _define(api, healthy_flow)
-        await _define(api, poison_flow)
+        await _define(api, poisoned_flow)
         healthy = await _start_many(api, healthy_flow["name"], 6)
-        (poison,) = await _start_many(api, poison_flow["name"], 1)
+        (poison,) = await _start_many(api, poisoned_flow["name"], 1)
         flagged = await wait_settled(api, poison, "FLAGGED", timeout=180)
         done = await _settle_all(api, healthy, timeout=180)
-    finally:
-        reviving.set()
-        await supervisor
 
     assert sum(s.restarts for s in stack.of_kind("activity-worker")) >= 1, "no worker died"
     assert {b["status"] for b in done.values()} == {"COMPLETED"}, done
@@ -130,9 +119,7 @@ async def test_non_restartable_neighbour_of_a_poison_is_flagged_redelivered_not_
 ) -> None:
     # One worker, restarted when it dies: the POST shares the poison's first crash.
     stack, api = await make_stack(workers=[{}])
-    reviving = asyncio.Event()
-    supervisor = asyncio.create_task(revive_until(stack, reviving))
-    try:
+    async with reviving(stack):
         key = uuid.uuid4().hex[:8]
         path = f"/effect/{key}"
         neighbour = await define_and_start(
@@ -140,14 +127,9 @@ async def test_non_restartable_neighbour_of_a_poison_is_flagged_redelivered_not_
         )
         holder = (await wait_running(api, neighbour, "push"))["claimed_by"]
         await wait_for(lambda: effects.count(path) == 1, 10, "the POST to arrive")
-        poison = await define_and_start(
-            api, {"name": f"poison-{uuid.uuid4().hex[:6]}", "steps": [POISON]}
-        )
+        poison = await define_and_start(api, poison_flow())
         post_flagged = await wait_settled(api, neighbour, "FLAGGED", timeout=90)
         poison_flagged = await wait_settled(api, poison, "FLAGGED", timeout=180)
-    finally:
-        reviving.set()
-        await supervisor
 
     push = next(a for a in post_flagged["activities"] if a["step"] == "push")
     assert push["status"] == "INTERRUPTED"

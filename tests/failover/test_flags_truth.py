@@ -4,7 +4,6 @@ was raised (a drain's deadline), and that an operator's decision is taken once."
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import time
 import uuid
@@ -16,11 +15,15 @@ from effect_sink import Sink
 from failover.conftest import (
     StackFactory,
     activity,
+    as_principal,
     assert_work_queues_empty,
+    close_connection_of,
     define_and_start,
     history,
+    needs_rabbitmqctl,
     post_flow,
     service_of,
+    sleep_until,
     wait_running,
     wait_settled,
     wait_status,
@@ -29,26 +32,6 @@ from integration.harness import wait_for
 
 pytestmark = pytest.mark.integration
 
-needs_rabbitmqctl = pytest.mark.skipif(
-    not shutil.which("rabbitmqctl"), reason="needs the broker's rabbitmqctl"
-)
-
-
-async def _rabbitmqctl(*args: str) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        "rabbitmqctl",
-        "-q",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    return out.decode()
-
-
-async def _until(moment: float) -> None:
-    await asyncio.sleep(max(0.0, moment - time.time()))
-
 
 async def _resolve(
     api: httpx.AsyncClient, instance_id: str, step: str, body: dict, by: str | None = None
@@ -56,7 +39,7 @@ async def _resolve(
     return await api.post(
         f"/v1/instances/{instance_id}/activities/{step}/resolve",
         json=body,
-        headers={"X-Paceline-Operator": by} if by else None,
+        headers=as_principal(api, by) if by else None,
     )
 
 
@@ -75,10 +58,7 @@ async def test_flag_after_a_connection_blip_shows_the_holder_alive_and_resolves_
     await wait_for(lambda: effects.count(path) == 1, 10, "the POST to arrive")
     (arrived,) = effects.arrivals(path)
 
-    connections = await _rabbitmqctl("list_connections", "pid", "client_properties")
-    pids = [line.split()[0] for line in connections.splitlines() if holder in line]
-    assert len(pids) == 1, connections
-    await _rabbitmqctl("close_connection", pids[0], "test: a network blip")
+    await close_connection_of(holder)
 
     flagged = await wait_settled(api, instance_id, "FLAGGED", timeout=30)
     push = next(a for a in flagged["activities"] if a["step"] == "push")
@@ -179,7 +159,7 @@ async def test_drain_deadline_flags_a_running_post_and_restarts_a_running_sleep(
     await wait_for(lambda: not draining.alive(), 30, "the drained worker to exit")
     assert draining.process is not None and draining.process.returncode == 0
     (arrived,) = effects.arrivals(path)
-    await _until(arrived + 10 + 2)
+    await sleep_until(arrived + 10 + 2)
     assert effects.count(path) == 1, "the cut POST was run again"
     assert (await api.get(f"/v1/instances/{poster}")).json()["status"] == "FLAGGED"
     await assert_work_queues_empty(stack)

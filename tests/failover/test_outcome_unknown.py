@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
-import uuid
 
 import httpx
 import pytest
@@ -16,20 +14,20 @@ from effect_sink import Sink
 
 from failover.conftest import (
     StackFactory,
+    as_principal,
     assert_work_queues_empty,
-    define_and_start,
+    effect_path,
     history,
     post_command,
+    sleep_until,
+    start_flow,
+    step_of,
     wait_settled,
     wait_status,
 )
 from integration.harness import wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def _name(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 def _post(url: str, *, timeout: float, retry: int | None = None, **extra: object) -> dict:
@@ -58,13 +56,11 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _until(moment: float) -> None:
-    """Sleep until `time.time()` reaches `moment`."""
-    await asyncio.sleep(max(0.0, moment - time.time()))
-
-
-def _step(body: dict, step: str) -> dict:
-    return next(a for a in body["activities"] if a["step"] == step)
+async def _settled_step(
+    api: httpx.AsyncClient, instance_id: str, status: str, step: str, timeout: float = 60
+) -> dict:
+    """`step` of the instance once it has settled as `status` (`wait_settled`)."""
+    return step_of(await wait_settled(api, instance_id, status, timeout=timeout), step)
 
 
 async def _kinds(api: httpx.AsyncClient, instance_id: str) -> list[str]:
@@ -76,18 +72,17 @@ async def test_post_sent_without_answer_is_flagged_not_retried_then_operator_ret
 ) -> None:
     effects = first_held_effects
     stack, api = await make_stack()
-    path = f"/effect/{uuid.uuid4().hex[:8]}"
-    definition = {
-        "name": _name("unknown"),
-        "steps": [
+    path = effect_path()
+    instance_id = await start_flow(
+        api,
+        "unknown",
+        [
             _post(f"{effects.url}{path}?hold=6", timeout=2, retry=3),
             {"id": "after", "type": "noop", "with": {"pushed": "${steps.push.output.status}"}},
         ],
-    }
-    instance_id = await define_and_start(api, definition)
+    )
 
-    flagged = await wait_settled(api, instance_id, "FLAGGED", timeout=60)
-    push = _step(flagged, "push")
+    push = await _settled_step(api, instance_id, "FLAGGED", "push")
     assert push["status"] == "INTERRUPTED"
     assert push["attempts"] == 1
     assert push["restartable"] is False
@@ -106,11 +101,11 @@ async def test_post_sent_without_answer_is_flagged_not_retried_then_operator_ret
 
     # The server's hold ends (its answer comes to nobody); the step's retry of 3 was not used.
     (arrived,) = effects.arrivals(path)
-    await _until(arrived + 6 + 4)
+    await sleep_until(arrived + 6 + 4)
     assert effects.count(path) == 1, "a request that may have had its effect was retried"
     still = (await api.get(f"/v1/instances/{instance_id}")).json()
     assert still["status"] == "FLAGGED"
-    assert _step(still, "push")["attempts"] == 1
+    assert step_of(still, "push")["attempts"] == 1
     events = await history(api, instance_id)
     kinds = [h["kind"] for h in events]
     assert "retry_scheduled" not in kinds
@@ -122,16 +117,16 @@ async def test_post_sent_without_answer_is_flagged_not_retried_then_operator_ret
     r = await api.post(
         f"/v1/instances/{instance_id}/activities/push/resolve",
         json={"action": "retry"},
-        headers={"X-Paceline-Operator": "ops-ann"},
+        headers=as_principal(api, "ops-ann"),
     )
     assert r.status_code == 202, r.text
     done = await wait_status(api, instance_id, "COMPLETED", timeout=60)
-    push = _step(done, "push")
+    push = step_of(done, "push")
     assert push["status"] == "COMPLETED"
     assert push["attempts"] == 2
     assert push["output"]["status"] == 200
     assert push["output"]["json"]["count"] == 2
-    assert _step(done, "after")["output"] == {"pushed": 200}
+    assert step_of(done, "after")["output"] == {"pushed": 200}
     assert effects.count(path) == 2, "the operator's retry sent the second POST"
     resolved = [h for h in await history(api, instance_id) if h["kind"] == "resolved"]
     assert [h["reason"] for h in resolved] == ["ops-ann chose retry"]
@@ -142,23 +137,21 @@ async def test_post_sent_without_answer_and_no_retry_is_flagged_not_failed(
     make_stack: StackFactory, effects: Sink
 ) -> None:
     stack, api = await make_stack()
-    path = f"/effect/{uuid.uuid4().hex[:8]}"
-    instance_id = await define_and_start(
-        api,
-        {"name": _name("unknown1"), "steps": [_post(f"{effects.url}{path}?hold=6", timeout=2)]},
+    path = effect_path()
+    instance_id = await start_flow(
+        api, "unknown1", [_post(f"{effects.url}{path}?hold=6", timeout=2)]
     )
-    flagged = await wait_settled(api, instance_id, "FLAGGED", timeout=60)
-    push = _step(flagged, "push")
+    push = await _settled_step(api, instance_id, "FLAGGED", "push")
     assert push["status"] == "INTERRUPTED"
     assert push["flag"]["kind"] == "outcome_unknown"
     assert "attempt 1" in push["flag"]["reason"]
 
     (arrived,) = effects.arrivals(path)
-    await _until(arrived + 6 + 4)
+    await sleep_until(arrived + 6 + 4)
     body = (await api.get(f"/v1/instances/{instance_id}")).json()
     assert body["status"] == "FLAGGED", "an unknown outcome is not a failure"
     assert body["error"] is None
-    assert _step(body, "push")["status"] == "INTERRUPTED"
+    assert step_of(body, "push")["status"] == "INTERRUPTED"
     kinds = await _kinds(api, instance_id)
     assert "instance_failed" not in kinds
     assert "activity_failed" not in kinds
@@ -171,15 +164,10 @@ async def test_post_to_a_closed_port_was_not_sent_so_its_retry_applies_then_it_f
 ) -> None:
     stack, api = await make_stack()
     port = _closed_port()
-    instance_id = await define_and_start(
-        api,
-        {
-            "name": _name("refused"),
-            "steps": [_post(f"http://127.0.0.1:{port}/effect/x", timeout=5, retry=3)],
-        },
+    instance_id = await start_flow(
+        api, "refused", [_post(f"http://127.0.0.1:{port}/effect/x", timeout=5, retry=3)]
     )
-    done = await wait_settled(api, instance_id, "FAILED", timeout=60)
-    push = _step(done, "push")
+    push = await _settled_step(api, instance_id, "FAILED", "push")
     assert push["status"] == "FAILED"
     assert push["attempts"] == 3
     assert push["flag"] is None
@@ -201,14 +189,11 @@ async def test_shell_command_killed_by_a_signal_is_flagged_outcome_unknown(
     make_stack: StackFactory, effects: Sink
 ) -> None:
     stack, api = await make_stack()
-    path = f"/effect/{uuid.uuid4().hex[:8]}"
+    path = effect_path()
     # It does its effect, then dies by a signal: nothing tells how far it got.
     script = f"{post_command(effects.url + path)}; kill -KILL $$"
-    instance_id = await define_and_start(
-        api, {"name": _name("killed"), "steps": [_shell(script, retry=3)]}
-    )
-    flagged = await wait_settled(api, instance_id, "FLAGGED", timeout=60)
-    run = _step(flagged, "run")
+    instance_id = await start_flow(api, "killed", [_shell(script, retry=3)])
+    run = await _settled_step(api, instance_id, "FLAGGED", "run")
     assert run["status"] == "INTERRUPTED"
     assert run["attempts"] == 1
     assert run["flag"]["kind"] == "outcome_unknown"
@@ -227,14 +212,11 @@ async def test_shell_command_exiting_with_an_error_code_is_retried_then_fails(
     make_stack: StackFactory, effects: Sink
 ) -> None:
     stack, api = await make_stack()
-    path = f"/effect/{uuid.uuid4().hex[:8]}"
+    path = effect_path()
     # An exit code is an answer: a known outcome, which the step's retry may repeat.
     script = f"{post_command(effects.url + path)}; exit 3"
-    instance_id = await define_and_start(
-        api, {"name": _name("exit3"), "steps": [_shell(script, retry=2)]}
-    )
-    done = await wait_settled(api, instance_id, "FAILED", timeout=60)
-    run = _step(done, "run")
+    instance_id = await start_flow(api, "exit3", [_shell(script, retry=2)])
+    run = await _settled_step(api, instance_id, "FAILED", "run")
     assert run["status"] == "FAILED"
     assert run["attempts"] == 2
     assert run["flag"] is None
@@ -251,18 +233,17 @@ async def test_restartable_post_without_answer_is_retried_by_its_step_then_fails
     make_stack: StackFactory, effects: Sink
 ) -> None:
     stack, api = await make_stack()
-    path = f"/effect/{uuid.uuid4().hex[:8]}"
+    path = effect_path()
     step = _post(f"{effects.url}{path}?hold=3", timeout=1, retry=3, restartable=True)
-    instance_id = await define_and_start(api, {"name": _name("again"), "steps": [step]})
-    done = await wait_settled(api, instance_id, "FAILED", timeout=90)
-    push = _step(done, "push")
+    instance_id = await start_flow(api, "again", [step])
+    push = await _settled_step(api, instance_id, "FAILED", "push", timeout=90)
     assert push["status"] == "FAILED"
     assert push["restartable"] is True
     assert push["attempts"] == 3
     assert push["flag"] is None
     assert push["error"]["kind"] == "http_timeout"
     await wait_for(lambda: effects.count(path) == 3, 10, "the third POST to be counted")
-    await _until(effects.arrivals(path)[-1] + 3 + 3)
+    await sleep_until(effects.arrivals(path)[-1] + 3 + 3)
     assert effects.count(path) == 3, "three attempts, three POSTs"
     kinds = await _kinds(api, instance_id)
     assert kinds.count("activity_failed") == 3, kinds

@@ -15,21 +15,14 @@ from failover.conftest import (
     assert_work_queues_empty,
     define_and_start,
     history,
-    revive_until,
+    poison_flow,
+    reviving,
     wait_status,
 )
 from integration.harness import wait_final
 from paceline_contracts.queues import Queue, dead_queue_name
 
 pytestmark = pytest.mark.integration
-
-# Kills the process that runs it: its parent (a worker, or an isolated runner).
-POISON = {
-    "id": "boom",
-    "type": "shell.command",
-    "restartable": True,
-    "with": {"argv": ["sh", "-c", "kill -9 $PPID; sleep 5"]},
-}
 
 
 async def test_poison_is_quarantined_and_its_neighbours_complete(
@@ -38,9 +31,7 @@ async def test_poison_is_quarantined_and_its_neighbours_complete(
     # One worker, restarted when it dies (as `make run` does): every healthy activity shares
     # each crash with the poison.
     stack, api = await make_stack(workers=[{}])
-    reviving = asyncio.Event()
-    supervisor = asyncio.create_task(revive_until(stack, reviving))
-    try:
+    async with reviving(stack):
         healthy_flow = {
             "name": f"fine-{uuid.uuid4().hex[:6]}",
             "steps": [{"id": "nap", "type": "sleep", "with": {"seconds": 3}}],
@@ -52,14 +43,9 @@ async def test_poison_is_quarantined_and_its_neighbours_complete(
             assert r.status_code == 202, r.text
             healthy.append(r.json()["id"])
         await asyncio.sleep(0.5)  # the sleeps are running when the poison takes the worker
-        poison = await define_and_start(
-            api, {"name": f"poison-{uuid.uuid4().hex[:6]}", "steps": [POISON]}
-        )
+        poison = await define_and_start(api, poison_flow())
         flagged = await wait_status(api, poison, "FLAGGED", timeout=120)
         done = await wait_final(api, healthy, timeout=120)
-    finally:
-        reviving.set()
-        await supervisor
 
     assert {b["status"] for b in done.values()} == {"COMPLETED"}, done
     for body in done.values():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import shutil
 import uuid
 
 import pytest
@@ -12,30 +10,18 @@ from effect_sink import Sink
 from failover.conftest import (
     StackFactory,
     assert_work_queues_empty,
+    close_connection_of,
     define_and_start,
     history,
+    needs_rabbitmqctl,
     post_flow,
+    rabbitmqctl,
     wait_running,
     wait_status,
 )
 from integration.harness import wait_for
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(not shutil.which("rabbitmqctl"), reason="needs the broker's rabbitmqctl"),
-]
-
-
-async def _rabbitmqctl(*args: str) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        "rabbitmqctl",
-        "-q",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    return out.decode()
+pytestmark = [pytest.mark.integration, needs_rabbitmqctl]
 
 
 async def test_dropped_connection_does_not_stop_or_repeat_the_activity(
@@ -48,10 +34,7 @@ async def test_dropped_connection_does_not_stop_or_repeat_the_activity(
     worker_id = (await wait_running(api, instance_id, "push"))["claimed_by"]
     await wait_for(lambda: effects.count(f"/effect/{key}") == 1, 10, "the POST to arrive")
 
-    connections = await _rabbitmqctl("list_connections", "pid", "client_properties")
-    pids = [line.split()[0] for line in connections.splitlines() if worker_id in line]
-    assert len(pids) == 1, connections
-    await _rabbitmqctl("close_connection", pids[0], "test: a network blip")
+    await close_connection_of(worker_id)
 
     done = await wait_status(api, instance_id, "COMPLETED", timeout=60)
     push = done["activities"][0]
@@ -67,6 +50,6 @@ async def test_dropped_connection_does_not_stop_or_repeat_the_activity(
 
 async def test_broker_consumer_timeout_does_not_cut_long_activities() -> None:
     # deploy/ensure-services.sh (run by `make test` and `make run`) raises it on this broker.
-    setting = await _rabbitmqctl("eval", "application:get_env(rabbit, consumer_timeout).")
+    setting = await rabbitmqctl("eval", "application:get_env(rabbit, consumer_timeout).")
     value = int(setting.strip().removeprefix("{ok,").removesuffix("}"))
     assert value >= 24 * 3600 * 1000

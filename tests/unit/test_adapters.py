@@ -553,6 +553,23 @@ async def read_pids(path: Path) -> list[int]:
     raise AssertionError("the child never wrote its pids")
 
 
+async def started_in_a_task(
+    argv: list[str], pidfile: Path, http: httpx.AsyncClient, **params: Any
+) -> tuple[asyncio.Task[Any], int, int]:
+    """A shell.command activity running in a task, once its shell and background sleep have
+    written their pids to `pidfile`: the task and the two pids."""
+    task = asyncio.create_task(run_activity("shell.command", {"argv": argv, **params}, http=http))
+    shell_pid, sleep_pid = await read_pids(pidfile)
+    return task, shell_pid, sleep_pid
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel `task` and wait until the cancellation has come through."""
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 async def test_shell_output_and_exit_code(http: httpx.AsyncClient) -> None:
     out = await run_activity(
         "shell.command",
@@ -726,14 +743,9 @@ async def test_cancellation_kills_the_process_group(
     pidfile = tmp_path / "pids"
     # The background sleep is a grandchild: only killing the group reaches it.
     script = f"sleep 30 & echo $$ $! > {pidfile}; wait"
-    task = asyncio.create_task(
-        run_activity("shell.command", {"argv": ["sh", "-c", script]}, http=http)
-    )
-    shell_pid, sleep_pid = await read_pids(pidfile)
+    task, shell_pid, sleep_pid = await started_in_a_task(["sh", "-c", script], pidfile, http)
     assert alive(sleep_pid)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_and_wait(task)
     assert await gone(shell_pid)
     assert await gone(sleep_pid)
 
@@ -742,16 +754,11 @@ async def test_cancellation_gives_the_group_its_grace(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
     pidfile, marker = tmp_path / "pids", tmp_path / "marker"
-    task = asyncio.create_task(
-        run_activity(
-            "shell.command", {"argv": trapping_script(pidfile, marker), "kill_grace": 30}, http=http
-        )
+    task, shell_pid, sleep_pid = await started_in_a_task(
+        trapping_script(pidfile, marker), pidfile, http, kill_grace=30
     )
-    shell_pid, sleep_pid = await read_pids(pidfile)
     started = time.monotonic()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_and_wait(task)
     assert time.monotonic() - started < 15
     assert marker.read_text() == "cleaned up\n"
     assert await gone(shell_pid)
@@ -762,16 +769,11 @@ async def test_cancellation_kills_what_ignores_sigterm_after_the_grace(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
     pidfile = tmp_path / "pids"
-    task = asyncio.create_task(
-        run_activity(
-            "shell.command", {"argv": ignoring_script(pidfile), "kill_grace": 0.5}, http=http
-        )
+    task, shell_pid, sleep_pid = await started_in_a_task(
+        ignoring_script(pidfile), pidfile, http, kill_grace=0.5
     )
-    shell_pid, sleep_pid = await read_pids(pidfile)
     started = time.monotonic()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_and_wait(task)
     assert time.monotonic() - started >= 0.45
     # Gone when the cancellation comes through, not some time later.
     assert not alive(shell_pid)
@@ -782,19 +784,14 @@ async def test_a_second_cancellation_cuts_the_grace_not_the_kill(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
     pidfile = tmp_path / "pids"
-    task = asyncio.create_task(
-        run_activity(
-            "shell.command", {"argv": ignoring_script(pidfile), "kill_grace": 60}, http=http
-        )
+    task, shell_pid, sleep_pid = await started_in_a_task(
+        ignoring_script(pidfile), pidfile, http, kill_grace=60
     )
-    shell_pid, sleep_pid = await read_pids(pidfile)
     started = time.monotonic()
     task.cancel()
     await asyncio.sleep(0.2)
     assert alive(shell_pid)  # in its grace
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_and_wait(task)  # the second cancellation
     assert time.monotonic() - started < 10
     assert await gone(shell_pid)
     assert await gone(sleep_pid)

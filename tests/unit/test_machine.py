@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from unit.partial_state import check_partial
 
 from paceline_contracts.messages import ActivityError
 from paceline_contracts.states import ActivityStatus, InstanceStatus
@@ -24,7 +25,7 @@ from paceline_engine.events import (
     StopInstance,
 )
 from paceline_engine.machine import Transition, apply, new_instance
-from paceline_engine.state import CancelRequest, InstanceState
+from paceline_engine.state import CancelRequest, InstanceState, outputs_of
 
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -61,6 +62,7 @@ class Run:
         before = dump(self.state)
         t = apply(self.definition, self.state, event, self.now)
         assert dump(self.state) == before, "apply changed the state it was given"
+        check_partial(self.definition, self.state, event, self.now, t)
         self.state, self.last = t.state, t
         self.transitions.append(t)
         return t
@@ -241,10 +243,10 @@ def test_instance_outputs_map_step_ids_to_outputs() -> None:
     run.complete("a", {"go": True})
     run.complete("t", "then-output")
     run.complete("p2", [2])
-    assert run.state.outputs is None, "no outputs before the instance completes"
     run.complete("p1", None)
     assert run.state.status is InstanceStatus.COMPLETED
-    assert run.state.outputs == {"a": {"go": True}, "t": "then-output", "p1": None, "p2": [2]}
+    outputs = outputs_of(run.state.activities)
+    assert outputs == {"a": {"go": True}, "t": "then-output", "p1": None, "p2": [2]}
 
 
 # --- conditions ---------------------------------------------------------------------------------
@@ -311,7 +313,10 @@ def test_an_empty_branch_moves_on() -> None:
     run = Run.of(parse({"id": "c", "if": "false", "then": [noop("t")]}, noop("after")))
     t = run.start()
     assert dispatched(t) == ["after"]
-    assert run.state.branches == {"c": False}
+    assert [h.reason for h in t.history if h.kind is HistoryKind.BRANCH] == [
+        "'false' is False: took else"
+    ]
+    assert run.state.branches == {}, "a finished condition keeps its choice in the history"
     run.complete("after")
     assert run.state.status is InstanceStatus.COMPLETED
 

@@ -11,21 +11,25 @@ retry of a restartable activity with crashes on record runs it alone, with a fre
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from unit.test_machine_failover import (
     GRACE,
     Run,
     S,
     Spec,
+    assert_flag,
     entry,
     interleave,
     kinds,
     noop,
     parse,
+    property_settings,
+    running,
     same_decisions,
     shell,
 )
@@ -60,6 +64,17 @@ def isolated_running(*more: dict[str, Any], policy: Policy | None = None, **extr
     run = suspect(*more, policy=policy, **extra)
     run.claim("x", "w4")
     return run
+
+
+def stopped_non_restartable(cause: StopCause, **stop: Any) -> tuple[Run, datetime]:
+    """`x` (not restartable, with retries left) stopped by w1, which ran it, for `cause`:
+    flagged, nothing run again. The run, and since when w1 held the attempt."""
+    run = running(shell("x", retry={"max_attempts": 3}))
+    since = run.now
+    t = run.stop("x", cause, server="w1", **stop)
+    assert t.decisions == []
+    assert kinds(t) == [HistoryKind.INTERRUPTED, HistoryKind.FLAGGED]
+    return run, since
 
 
 # --- a worker's death ---------------------------------------------------------------------------
@@ -143,9 +158,7 @@ def test_an_isolated_attempt_lost_with_its_worker_runs_alone_again_charged_nothi
 
 
 def test_a_non_restartable_attempt_lost_with_its_worker_is_flagged_and_charged_nothing() -> None:
-    run = Run(parse(shell("x")))
-    run.start()
-    run.claim("x", "w1")
+    run = running(shell("x"))
     since = run.now
     run.crash("x", "w2")
     x = run.state.activities["x"]
@@ -158,9 +171,7 @@ def test_a_non_restartable_attempt_lost_with_its_worker_is_flagged_and_charged_n
 
 
 def test_a_non_restartable_attempt_lost_twice_is_flagged_never_isolated() -> None:
-    run = Run(parse(shell("x")))
-    run.start()
-    run.claim("x", "w1")
+    run = running(shell("x"))
     run.crash("x", "w2")
     t = run.resolve("x", "retry")
     (dispatch,) = [d for d in t.decisions if isinstance(d, Dispatch)]
@@ -208,28 +219,22 @@ def test_runner_crashes_up_to_the_crash_budget_flag_it_listing_every_crash() -> 
     assert kinds(t) == [HistoryKind.INTERRUPTED, HistoryKind.FLAGGED]
     x = run.state.activities["x"]
     assert x.status is ActivityStatus.INTERRUPTED
-    assert x.flag is not None
-    assert (x.flag.kind, x.flag.attempt, x.flag.server_id, x.flag.held_since) == (
-        "crash_budget",
-        4,
-        "w5",
-        since,
-    )
-    assert x.flag.reason.startswith("crash budget exhausted: 2 of 2 charged")
+    flag = assert_flag(run, "crash_budget", 4, "w5", since)
+    assert flag.reason.startswith("crash budget exhausted: 2 of 2 charged")
     # Every crash on its record: which attempt, which server, when, alone or not.
     for c in x.crashes:
         held = c.since.isoformat(timespec="milliseconds") if c.since else "an unknown time"
         lost = c.detected_at.isoformat(timespec="milliseconds")
         how = "alone, in an isolated runner" if c.alone else "among others"
         said = f"attempt {c.attempt} on {c.server_id} (held since {held}, lost at {lost}, {how})"
-        assert said in x.flag.reason
+        assert said in flag.reason
     assert [(c.attempt, c.server_id, c.alone) for c in x.crashes] == [
         (1, "w1", False),
         (2, "w2", False),
         (3, "w4", True),
         (4, "w5", True),
     ]
-    assert entry(t, HistoryKind.FLAGGED).reason == x.flag.reason
+    assert entry(t, HistoryKind.FLAGGED).reason == flag.reason
     assert (x.interruptions, run.instance()) == (2, InstanceStatus.FLAGGED)
 
 
@@ -255,25 +260,13 @@ def test_a_crash_budget_flag_counts_time_outs_as_charged_not_as_crashes() -> Non
 def test_a_runner_crash_of_a_non_restartable_attempt_flags_it_and_runs_nothing_again() -> None:
     """Only restartable suspects run alone; should a non-restartable attempt's runner die all
     the same, it may have had its effect: flagged, like any unknown outcome."""
-    run = Run(parse(shell("x", retry={"max_attempts": 3})))
-    run.start()
-    run.claim("x", "w1")
-    since = run.now
-    t = run.stop("x", StopCause.RUNNER_CRASHED, server="w1", message="killed by signal 9")
-    assert t.decisions == []
-    assert kinds(t) == [HistoryKind.INTERRUPTED, HistoryKind.FLAGGED]
-    x = run.state.activities["x"]
-    assert x.flag is not None
-    assert (x.flag.kind, x.flag.attempt, x.flag.server_id, x.flag.held_since) == (
-        "outcome_unknown",
-        1,
-        "w1",
-        since,
-    )
-    assert x.flag.reason == (
+    run, since = stopped_non_restartable(StopCause.RUNNER_CRASHED, message="killed by signal 9")
+    flag = assert_flag(run, "outcome_unknown", 1, "w1", since)
+    assert flag.reason == (
         "attempt 1 crashed its isolated runner on w1 (killed by signal 9); it may have had its "
         "effect, and it is not restartable"
     )
+    x = run.state.activities["x"]
     assert (x.failures, x.interruptions, x.crashes[-1].alone) == (0, 1, True)
     assert run.instance() is InstanceStatus.FLAGGED
 
@@ -465,25 +458,13 @@ def test_a_drain_deadline_keeps_the_isolation() -> None:
 
 
 def test_a_drain_deadline_flags_a_non_restartable_attempt() -> None:
-    run = Run(parse(shell("x", retry={"max_attempts": 3})))
-    run.start()
-    run.claim("x", "w1")
-    since = run.now
-    t = run.stop("x", StopCause.DRAIN_DEADLINE, server="w1")
-    assert t.decisions == []
-    assert kinds(t) == [HistoryKind.INTERRUPTED, HistoryKind.FLAGGED]
-    x = run.state.activities["x"]
-    assert x.flag is not None
-    assert (x.flag.kind, x.flag.attempt, x.flag.server_id, x.flag.held_since) == (
-        "drain_deadline",
-        1,
-        "w1",
-        since,
-    )
-    assert x.flag.reason == (
+    run, since = stopped_non_restartable(StopCause.DRAIN_DEADLINE)
+    flag = assert_flag(run, "drain_deadline", 1, "w1", since)
+    assert flag.reason == (
         "attempt 1 on w1 was still running when the drain of w1 reached its grace deadline: "
         "the drain cut it; it may have had its effect, and it is not restartable"
     )
+    x = run.state.activities["x"]
     assert (x.failures, x.interruptions) == (0, 0)
     assert run.instance() is InstanceStatus.FLAGGED
 
@@ -531,11 +512,7 @@ def poison_and_neighbours(draw: st.DrawFn) -> tuple[Definition, dict[str, Spec]]
     return parse_definition({"name": "poison", "steps": steps}), specs
 
 
-@settings(
-    max_examples=100,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@property_settings(100)
 @given(generated=poison_and_neighbours(), data=st.data())
 def test_crashes_are_charged_to_the_poison_never_to_its_neighbours(
     generated: tuple[Definition, dict[str, Spec]], data: st.DataObject
@@ -551,7 +528,4 @@ def test_crashes_are_charged_to_the_poison_never_to_its_neighbours(
         if not specs[step].poison:
             # Charged only its own time-outs: never a crash of its runner, nor a neighbour's.
             assert not any(crash.alone for crash in a.crashes), (step, a.crashes)
-    event(f"ended {c.state.status.value}")
-    for what in ("isolated", "outcome runner crashed", "restarted", "flagged", "crashed"):
-        n = c.seen.get(what, 0)
-        event(f"{what}: {n if n < 3 else '3+'}")
+    c.statistics("isolated", "outcome runner crashed", "restarted", "flagged", "crashed")

@@ -56,6 +56,7 @@ from typing import Any, Literal
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from unit.partial_state import check_partial
 
 from paceline_contracts.messages import ActivityError
 from paceline_contracts.states import ActivityStatus, InstanceStatus
@@ -83,7 +84,7 @@ from paceline_engine.events import (
     StopInstance,
 )
 from paceline_engine.machine import Transition, apply, new_instance
-from paceline_engine.state import MAX_CRASHES_KEPT, Crash, Flag, InstanceState
+from paceline_engine.state import MAX_CRASHES_KEPT, Crash, Flag, InstanceState, outputs_of
 
 Setup = Callable[["Run"], tuple[str, int]]
 """Brings a run to some situation; returns the step and attempt an event is then about."""
@@ -126,6 +127,7 @@ class Run:
         before = dump(self.state)
         t = apply(self.definition, self.state, event, self.now, self.policy)
         assert dump(self.state) == before, "apply changed the state it was given"
+        check_partial(self.definition, self.state, event, self.now, t, self.policy)
         self.state, self.last = t.state, t
         return t
 
@@ -258,6 +260,51 @@ def flagged_shell(*more: dict[str, Any], timeout: str | None = None) -> Run:
     return run
 
 
+def running(*steps: dict[str, Any], policy: Policy | None = None) -> Run:
+    """`x` (first of `steps`, in a sequence) claimed by w1 and running."""
+    run = Run(parse(*steps), policy)
+    run.start()
+    run.claim("x", "w1", wants_reply=True)
+    assert run.status("x") is ActivityStatus.RUNNING
+    return run
+
+
+def assert_flag(
+    run: Run, kind: str, attempt: int, server: str | None, since: datetime | None, step: str = "x"
+) -> Flag:
+    """`step` is flagged `kind` for `attempt`, which `server` held since `since`: its flag."""
+    flag = run.state.activities[step].flag
+    assert flag is not None
+    assert (flag.kind, flag.attempt, flag.server_id, flag.held_since) == (
+        kind,
+        attempt,
+        server,
+        since,
+    )
+    return flag
+
+
+def flag_now(run: Run, kind: str, reason: str, since: datetime) -> Flag:
+    """The flag the last transition raised for attempt 1, which w1 held since `since`."""
+    return Flag(
+        kind=kind,
+        reason=reason,
+        attempt=1,
+        server_id="w1",
+        held_since=since,
+        flagged_at=run.now,
+    )
+
+
+def property_settings(max_examples: int) -> settings:
+    """The settings of the properties that drive a `Cluster` (`interleave`)."""
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
 # --- claims -------------------------------------------------------------------------------------
 
 
@@ -374,14 +421,7 @@ def test_a_non_restartable_attempt_redelivered_after_its_holder_died_is_flagged(
     assert flagged.data == {"flag": "redelivered"}
     x = run.state.activities["x"]
     assert x.status is ActivityStatus.INTERRUPTED
-    assert x.flag == Flag(
-        kind="redelivered",
-        reason=reason,
-        attempt=1,
-        server_id="w1",
-        held_since=since,
-        flagged_at=run.now,
-    )
+    assert x.flag == flag_now(run, "redelivered", reason, since)
     assert x.reason == reason
     assert (x.attempt, x.claimed_by, x.interruptions) == (1, "w1", 0)
     assert run.instance() is InstanceStatus.FLAGGED
@@ -658,27 +698,19 @@ def test_the_first_attempts_result_after_an_operator_decided_is_only_recorded(
 
 
 def test_a_time_out_of_a_non_restartable_attempt_flags_it() -> None:
-    run = Run(parse(shell("x", retry={"max_attempts": 3})))
-    run.start()
-    run.claim("x", "w1")
+    run = running(shell("x", retry={"max_attempts": 3}))
     since = run.now
     t = run.fail("x", "ran longer than its timeout", server="w1", timed_out=True)
     assert t.decisions == []  # not retried, whatever the retry policy says
     assert kinds(t) == [HistoryKind.FLAGGED]
     x = run.state.activities["x"]
     assert x.status is ActivityStatus.INTERRUPTED
-    assert x.flag is not None
-    assert (x.flag.kind, x.flag.attempt, x.flag.server_id, x.flag.held_since) == (
-        "timeout",
-        1,
-        "w1",
-        since,
-    )
-    assert x.flag.reason == (
+    flag = assert_flag(run, "timeout", 1, "w1", since)
+    assert flag.reason == (
         "attempt 1 on w1 timed out: timeout: ran longer than its timeout; "
         "it may have had its effect, and it is not restartable"
     )
-    assert t.history[0].reason == x.flag.reason
+    assert t.history[0].reason == flag.reason
     assert x.error == ActivityError(kind="timeout", message="ran longer than its timeout")
     assert (x.interruptions, x.failures) == (0, 0)
     assert run.instance() is InstanceStatus.FLAGGED
@@ -847,16 +879,10 @@ def test_a_quarantined_delivery_flags_the_activity() -> None:
     assert kinds(t) == [HistoryKind.FLAGGED]
     x = run.state.activities["x"]
     assert x.status is ActivityStatus.INTERRUPTED
-    assert x.flag is not None
-    assert (x.flag.kind, x.flag.attempt, x.flag.server_id, x.flag.held_since) == (
-        "crash_budget",
-        1,
-        "w1",
-        since,
-    )
-    assert "delivered 4 times" in x.flag.reason
-    assert "quarantined by w3" in x.flag.reason
-    assert t.history[0].reason == x.flag.reason
+    flag = assert_flag(run, "crash_budget", 1, "w1", since)
+    assert "delivered 4 times" in flag.reason
+    assert "quarantined by w3" in flag.reason
+    assert t.history[0].reason == flag.reason
     assert run.instance() is InstanceStatus.FLAGGED
 
 
@@ -961,7 +987,7 @@ def test_skip_completes_a_flagged_activity_with_the_operators_output() -> None:
     assert run.instance() is InstanceStatus.RUNNING
     run.complete("after", {"got": 7})
     assert run.instance() is InstanceStatus.COMPLETED
-    assert run.state.outputs == {"x": {"rows": 7}, "after": {"got": 7}}
+    assert outputs_of(run.state.activities) == {"x": {"rows": 7}, "after": {"got": 7}}
 
 
 def test_skip_without_an_output_gives_an_empty_object() -> None:
@@ -1270,6 +1296,14 @@ class Cluster:
     def saw(self, what: str, n: int = 1) -> None:
         self.seen[what] = self.seen.get(what, 0) + n
 
+    def statistics(self, *seen: str) -> None:
+        """For Hypothesis' statistics: how the instance ended, and how often each of `seen`
+        happened (3+ for three or more)."""
+        event(f"ended {self.state.status.value}")
+        for what in seen:
+            n = self.seen.get(what, 0)
+            event(f"{what}: {n if n < 3 else '3+'}")
+
     # --- sending and checking --------------------------------------------------------------
 
     def send(self, event: Event) -> Transition:
@@ -1280,6 +1314,7 @@ class Cluster:
         t = apply(self.definition, before, event, self.now, self.policy)
         # (g) apply never mutates its input.
         assert dump(before) == snapshot, "apply mutated the state it was given"
+        check_partial(self.definition, before, event, self.now, t, self.policy)
         self.state = t.state
         self.check(event, before, t)
         return t
@@ -1591,8 +1626,15 @@ class Cluster:
             and a.attempt == event.attempt
             and a.status is ActivityStatus.CANCELLED
         ):
-            # Cancelled before it started (or while flagged): the worker's stop is only noted.
-            assert_only_recorded(before, t, HistoryKind.CANCELLED)
+            # Cancelled before it started (or while flagged): the worker's stop is noted, and
+            # its word that the attempt had started replaces what the activity said.
+            if event.error.outcome_unknown and not (a.error and a.error.outcome_unknown):
+                after = state.activities[event.step]
+                assert after.error == event.error and after.status is ActivityStatus.CANCELLED
+                assert kinds(t) == [HistoryKind.CANCELLED]
+                assert t.decisions == []
+            else:
+                assert_only_recorded(before, t, HistoryKind.CANCELLED)
             return
         if not self.current(before, event.step, event.attempt):
             assert_only_recorded(before, t, HistoryKind.LATE_RESULT)
@@ -1606,7 +1648,9 @@ class Cluster:
                 # The worker heard of the cancel first: its stop records it.
                 assert state.cancel.by == event.cancelled_by
             if a.status is ActivityStatus.RUNNING:
-                unknown = event.error.outcome_unknown and not a.restartable
+                # Started, by the stopping worker's word; or held by another, which may have.
+                lost = a.claimed_by not in (None, event.server_id)
+                unknown = (event.error.outcome_unknown or lost) and not a.restartable
                 assert ("outcome unknown" in (after.reason or "")) is unknown, after.reason
             return
         if event.cause is StopCause.DRAIN_DEADLINE:
@@ -2134,19 +2178,14 @@ def interleave(
     return c
 
 
-@settings(
-    max_examples=250,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@property_settings(250)
 @given(generated=failover_definitions(), data=st.data())
 def test_any_interleaving_of_results_crashes_stops_cancels_and_decisions(
     generated: tuple[Definition, dict[str, Spec]], data: st.DataObject
 ) -> None:
     """Properties (a) to (k) of the module docstring."""
     c = interleave(generated, data)
-    event(f"ended {c.state.status.value}")
-    for what in (
+    c.statistics(
         "flagged",
         "restarted",
         "isolated",
@@ -2166,9 +2205,7 @@ def test_any_interleaving_of_results_crashes_stops_cancels_and_decisions(
         "outcome stopped",
         "outcome drained",
         "outcome runner crashed",
-    ):
-        n = c.seen.get(what, 0)
-        event(f"{what}: {n if n < 3 else '3+'}")
+    )
     flags = {a.flag.kind for a in c.state.activities.values() if a.flag is not None}
     event(f"flag kinds at the end: {sorted(flags)}")
 

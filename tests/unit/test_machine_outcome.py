@@ -11,34 +11,26 @@ itself (a late result of the flagged attempt) leaves no flag text behind.
 from __future__ import annotations
 
 from unit.test_machine_failover import (
-    Run,
     S,
     entry,
+    flag_now,
     flagged_shell,
     kinds,
     noop,
-    parse,
+    running,
     shell,
 )
 
 from paceline_contracts.messages import ActivityError
 from paceline_contracts.states import ActivityStatus, InstanceStatus
-from paceline_engine.events import AnswerClaim, Dispatch, Finish, HistoryKind
-from paceline_engine.state import Flag
+from paceline_engine.events import AnswerClaim, Dispatch, Finish, HistoryKind, Resolve
 
 RETRIED_SHELL = shell("x", retry={"max_attempts": 3, "backoff": "5s"})
 ARGV = {"argv": ["deploy", "x"]}
 
 
-def claimed(*steps: dict[str, object]) -> Run:
-    run = Run(parse(*steps))
-    run.start()
-    run.claim("x", "w1")
-    return run
-
-
 def test_an_outcome_unknown_failure_of_a_non_restartable_activity_flags_it() -> None:
-    run = claimed(RETRIED_SHELL, noop("after"))
+    run = running(RETRIED_SHELL, noop("after"))
     since = run.now
     t = run.fail(
         "x", "connection reset after the request was sent", outcome_unknown=True, kind="http"
@@ -51,14 +43,7 @@ def test_an_outcome_unknown_failure_of_a_non_restartable_activity_flags_it() -> 
     )
     x = run.state.activities["x"]
     assert x.status is ActivityStatus.INTERRUPTED
-    assert x.flag == Flag(
-        kind="outcome_unknown",
-        reason=reason,
-        attempt=1,
-        server_id="w1",
-        held_since=since,
-        flagged_at=run.now,
-    )
+    assert x.flag == flag_now(run, "outcome_unknown", reason, since)
     assert x.reason == reason
     flagged = entry(t, HistoryKind.FLAGGED)
     assert (flagged.step, flagged.attempt, flagged.reason) == ("x", 1, reason)
@@ -71,7 +56,7 @@ def test_an_outcome_unknown_failure_of_a_non_restartable_activity_flags_it() -> 
 
 
 def test_an_outcome_unknown_failure_never_uses_up_the_retry_policy() -> None:
-    run = claimed(RETRIED_SHELL)
+    run = running(RETRIED_SHELL)
     run.fail("x", "killed by signal 9", outcome_unknown=True)
     assert (run.attempt("x"), run.state.activities["x"].failures) == (1, 0)
     # The operator retries it: the policy still allows all of its 3 attempts on failure.
@@ -85,7 +70,7 @@ def test_an_outcome_unknown_failure_never_uses_up_the_retry_policy() -> None:
 
 
 def test_an_outcome_unknown_failure_of_a_restartable_activity_is_retried() -> None:
-    run = claimed(noop("x", retry={"max_attempts": 2, "backoff": "3s"}))
+    run = running(noop("x", retry={"max_attempts": 2, "backoff": "3s"}))
     t = run.fail("x", "no answer", outcome_unknown=True)
     assert t.decisions == [Dispatch("x", "noop", {"v": "x"}, 2, True, None, run.now + 3 * S)]
     assert kinds(t) == [HistoryKind.FAILED, HistoryKind.RETRY]
@@ -100,7 +85,7 @@ def test_an_outcome_unknown_failure_of_a_restartable_activity_is_retried() -> No
 
 
 def test_an_outcome_unknown_failure_of_a_restartable_activity_ends_its_retry_policy() -> None:
-    run = claimed(noop("x"))
+    run = running(noop("x"))
     t = run.fail("x", "no answer", outcome_unknown=True)
     assert t.decisions == [Finish(InstanceStatus.FAILED)]
     assert run.status("x") is ActivityStatus.FAILED
@@ -109,7 +94,7 @@ def test_an_outcome_unknown_failure_of_a_restartable_activity_ends_its_retry_pol
 def test_a_known_failure_of_a_non_restartable_activity_is_retried() -> None:
     """The program could not start, or answered with an error: nothing happened, or the
     outcome is known. The step's retry policy applies."""
-    run = claimed(RETRIED_SHELL)
+    run = running(RETRIED_SHELL)
     t = run.fail("x", "exit code 2", outcome_unknown=False, kind="exit_code")
     assert t.decisions == [Dispatch("x", "shell.command", ARGV, 2, False, None, run.now + 5 * S)]
     assert kinds(t) == [HistoryKind.FAILED, HistoryKind.RETRY]
@@ -119,7 +104,7 @@ def test_a_known_failure_of_a_non_restartable_activity_is_retried() -> None:
 
 
 def test_a_time_out_with_an_unknown_outcome_is_flagged_as_a_time_out() -> None:
-    run = claimed(RETRIED_SHELL)
+    run = running(RETRIED_SHELL)
     t = run.fail("x", "killed after 60s", timed_out=True, outcome_unknown=True)
     assert t.decisions == []
     x = run.state.activities["x"]
@@ -132,7 +117,7 @@ def test_a_time_out_with_an_unknown_outcome_is_flagged_as_a_time_out() -> None:
 def test_a_time_out_of_a_restartable_activity_with_an_unknown_outcome_is_charged() -> None:
     """A time-out is charged to the crash budget (a new attempt at once), never to the retry
     policy, whatever the outcome."""
-    run = claimed(noop("x", retry={"max_attempts": 1, "backoff": "9s"}))
+    run = running(noop("x", retry={"max_attempts": 1, "backoff": "9s"}))
     t = run.fail("x", "killed after 60s", timed_out=True, outcome_unknown=True)
     assert t.decisions == [Dispatch("x", "noop", {"v": "x"}, 2, True, None, None)]
     assert kinds(t) == [HistoryKind.TIMED_OUT, HistoryKind.RETRY]
@@ -143,7 +128,7 @@ def test_a_time_out_of_a_restartable_activity_with_an_unknown_outcome_is_charged
 def test_a_late_success_of_an_outcome_unknown_flag_resolves_it_without_flag_text() -> None:
     """The worker that reported the unknown outcome learns more (a second report of the same
     attempt, say after a reconnect): the flag resolves itself."""
-    run = claimed(shell("x"), noop("after"))
+    run = running(shell("x"), noop("after"))
     run.fail("x", "no answer", outcome_unknown=True)
     t = run.complete("x", {"ok": True}, attempt=1)
     assert kinds(t) == [HistoryKind.RESOLVED, HistoryKind.COMPLETED, HistoryKind.DISPATCHED]
@@ -169,7 +154,7 @@ def test_a_flag_that_resolves_itself_leaves_no_flag_text() -> None:
 def test_an_outcome_unknown_failure_of_a_flagged_attempt_flags_it_again_for_that_reason() -> None:
     """The holder was alive after all and reports that it sent a request without an answer:
     the flag now says why the outcome is unknown."""
-    run = claimed(RETRIED_SHELL)
+    run = running(RETRIED_SHELL)
     run.crash("x", "w2")  # flagged: redelivered
     t = run.fail("x", "no answer", attempt=1, server="w1", outcome_unknown=True)
     assert kinds(t) == [HistoryKind.RESOLVED, HistoryKind.FLAGGED]
@@ -182,4 +167,14 @@ def test_an_outcome_unknown_failure_of_a_flagged_attempt_flags_it_again_for_that
     t = run.claim("x", "w3", attempt=1, redelivered=True, delivery_count=2)
     assert t.decisions == [
         AnswerClaim(False, 1, "the activity is flagged, waiting for an operator")
+    ]
+
+
+def test_a_forced_retry_says_so_in_the_history() -> None:
+    run = running(RETRIED_SHELL, noop("after"))
+    run.fail("x", "sent, no answer", outcome_unknown=True, kind="http")
+    t = run.send(Resolve("x", "retry", by="jo", attempt=1, forced=True))
+    resolved = [h for h in t.history if h.kind is HistoryKind.RESOLVED]
+    assert [h.reason for h in resolved] == [
+        "jo chose retry (forced: the server that held the attempt may still finish it)"
     ]

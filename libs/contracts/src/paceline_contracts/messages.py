@@ -73,6 +73,8 @@ class ResolveActivity(Message):
     """Who decided, for the history."""
     attempt: int | None = None
     """The flagged attempt the operator saw: a decision about another one is ignored."""
+    forced: bool = False
+    """A retry the operator forced although the attempt's holder may still finish it."""
 
 
 class CheckDeadline(Message):

@@ -20,7 +20,7 @@ from paceline_engine.state import ActivityState, FlagKind
 
 
 def claim(run: Run, event: Claim) -> None:
-    activity = run.state.activities.get(event.step)
+    activity = run.activity(event.step)
     if run.cancelling and activity is not None and _lost_by_holder(event, activity):
         _lost_while_cancelling(run, event, activity)
         return
@@ -203,7 +203,7 @@ def _isolate(run: Run, event: Claim, activity: ActivityState) -> None:
 def quarantined(run: Run, event: Quarantined) -> None:
     """A worker's backstop refused a message delivered too often (normally the engine has
     re-sent it long before: `Policy.refresh_after_deliveries`)."""
-    activity = run.state.activities.get(event.step)
+    activity = run.activity(event.step)
     if activity is None or activity.status.is_final or run.state.status.is_final:
         run.note(
             HistoryKind.IGNORED,

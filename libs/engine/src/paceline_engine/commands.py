@@ -15,7 +15,7 @@ def start(run: Run) -> None:
     run.state.status = InstanceStatus.RUNNING
     run.state.started_at = run.now
     run.note(HistoryKind.STARTED, "instance started")
-    run.advance()
+    run.begin()
 
 
 def cancel(run: Run, event: Cancel) -> None:
@@ -35,7 +35,7 @@ def cancel(run: Run, event: Cancel) -> None:
 
 
 def resolve(run: Run, event: Resolve) -> None:
-    activity = run.state.activities.get(event.step)
+    activity = run.activity(event.step)
     if (
         activity is None
         or activity.status is not ActivityStatus.INTERRUPTED
@@ -52,9 +52,12 @@ def resolve(run: Run, event: Resolve) -> None:
             event.attempt,
         )
         return
+    forced = (
+        " (forced: the server that held the attempt may still finish it)" if event.forced else ""
+    )
     run.note(
         HistoryKind.RESOLVED,
-        f"{event.by} chose {event.action}",
+        f"{event.by} chose {event.action}{forced}",
         event.step,
         activity.attempt,
         action=event.action,

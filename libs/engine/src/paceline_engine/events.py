@@ -109,6 +109,8 @@ class Resolve:
     by: str = "operator"
     attempt: int | None = None
     """The flagged attempt decided on; None: whatever is flagged now."""
+    forced: bool = False
+    """A retry forced although the attempt's holder may still finish it (a broker blip)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from paceline_contracts.messages import ActivityError
-from paceline_contracts.states import ActivityStatus
+from paceline_contracts.states import ActivityStatus, ErrorKind
 from paceline_engine.definitions import ActivityStep
 from paceline_engine.events import (
     ActivityCompleted,
@@ -98,15 +98,21 @@ def failed(run: Run, event: ActivityFailed) -> None:
 def stopped(run: Run, event: ActivityStopped) -> None:
     """A worker stopped the attempt: for a cancel, at its drain's deadline, or its isolated
     runner died."""
-    existing = run.state.activities.get(event.step)
+    existing = run.activity(event.step)
     if (
         event.cause is StopCause.CANCELLED
         and existing is not None
         and existing.attempt == event.attempt
         and existing.status is ActivityStatus.CANCELLED
     ):
-        # Cancelled already (before it started, or while flagged): the worker's stop is noted.
-        run.note(HistoryKind.CANCELLED, _stop_noted(existing, event), event.step, event.attempt)
+        # Cancelled already (before it started, while flagged, or given up on): the worker's
+        # stop is noted, and when it says the attempt had started, the activity says so too.
+        noted = _stop_noted(existing, event)
+        run.note(HistoryKind.CANCELLED, noted, event.step, event.attempt)
+        if event.error.outcome_unknown and not (existing.error and existing.error.outcome_unknown):
+            existing.error = event.error
+            existing.reason = noted
+            run.changed.add(event.step)
         return
     outcome = f"was stopped ({event.cause.value})"
     activity = run.current(event.step, event.attempt, outcome, event.server_id)
@@ -120,12 +126,21 @@ def stopped(run: Run, event: ActivityStopped) -> None:
             run.note(HistoryKind.CANCELLED, _stop_noted(activity, event), event.step, event.attempt)
             return
     run.unflag(activity, event.step, event.attempt, event.server_id, outcome)
-    run.ran(activity, event.server_id, event.started_at, event.finished_at)
-    activity.error = event.error
     run.changed.add(event.step)
     if run.cancelling or event.cause is StopCause.CANCELLED:
-        run.stop_waiting(activity, event.step, _stopped_for_cancel(activity, event))
+        reason = _stopped_for_cancel(activity, event)
+        if _lost_by_its_holder(activity, event):
+            # What the dropping worker says is true of its copy only; the holder may have run it.
+            activity.error = ActivityError(
+                kind=ErrorKind.CANCELLED, message=reason, outcome_unknown=not activity.restartable
+            )
+        else:
+            run.ran(activity, event.server_id, event.started_at, event.finished_at)
+            activity.error = event.error
+        run.stop_waiting(activity, event.step, reason)
         return
+    run.ran(activity, event.server_id, event.started_at, event.finished_at)
+    activity.error = event.error
     if event.cause is StopCause.DRAIN_DEADLINE:
         _cut_by_drain(run, activity, event)
     else:
@@ -143,9 +158,15 @@ def _stop_noted(activity: ActivityState, event: ActivityStopped) -> str:
     return f"{stopped} after it had started: outcome unknown (it may have had its effect)"
 
 
+def _lost_by_its_holder(activity: ActivityState, event: ActivityStopped) -> bool:
+    """Another worker than the holder got the message (the holder died or was cut off) and
+    stopped it before it started there."""
+    return not event.error.outcome_unknown and activity.claimed_by not in (None, event.server_id)
+
+
 def _stopped_for_cancel(activity: ActivityState, event: ActivityStopped) -> str:
     holder = activity.claimed_by
-    if not event.error.outcome_unknown and holder not in (None, event.server_id):
+    if _lost_by_its_holder(activity, event):
         # The broker took the message from its holder (which died) and gave it to this worker,
         # which heard of the cancel and did not start it: the holder may have.
         unknown = "" if activity.restartable else ": outcome unknown"
@@ -227,7 +248,7 @@ def _runner_crashed(run: Run, activity: ActivityState, event: ActivityStopped) -
 
 
 def deadline(run: Run, event: DeadlineExpired) -> None:
-    activity = run.state.activities.get(event.step)
+    activity = run.activity(event.step)
     if (
         activity is None
         or activity.attempt != event.attempt

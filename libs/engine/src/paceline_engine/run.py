@@ -1,21 +1,27 @@
 """One transition in progress: the state being changed, and what it decides and records.
 
-`Run` holds what every event handler shares: dispatching an attempt, flagging, walking the
-definition to dispatch what comes next, finishing the instance. The handlers live in
+`Run` holds what every event handler shares: dispatching an attempt, flagging, moving on from
+the steps that finished to what comes next, finishing the instance. The handlers live in
 results.py (what workers report), claims.py (who holds an attempt) and commands.py (start,
 cancel, resolve); machine.py routes each event to its handler.
+
+Moving on looks only at where a finished step sits (layout.py): the next step of its
+sequence, or, at a sequence's end, the condition or parallel step that owns it (a parallel
+step counts the branches it still waits for). Nothing walks the whole definition or reads
+every activity, so a transition costs the same at step 5 and at step 5,000, and it reads only
+the activities it names (state.py, `NotLoaded`).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from datetime import datetime, timedelta
-from enum import Enum
 from typing import Any
 
 from paceline_contracts.messages import ActivityError
 from paceline_contracts.states import ActivityStatus, InstanceStatus
 from paceline_engine.activity_types import ACTIVITY_TYPES
-from paceline_engine.definitions import ActivityStep, ConditionStep, Definition, Step
+from paceline_engine.definitions import ActivityStep, ConditionStep, Definition, ParallelStep, Step
 from paceline_engine.events import (
     AnswerClaim,
     Claim,
@@ -29,6 +35,7 @@ from paceline_engine.events import (
     StopInstance,
 )
 from paceline_engine.expressions import EvaluationError
+from paceline_engine.layout import layout_of
 from paceline_engine.state import (
     MAX_CRASHES_KEPT,
     ActivityState,
@@ -37,6 +44,7 @@ from paceline_engine.state import (
     Flag,
     FlagKind,
     InstanceState,
+    NotLoaded,
 )
 
 DONE = (ActivityStatus.COMPLETED, ActivityStatus.SKIPPED)
@@ -67,12 +75,6 @@ class Transition:
         )
 
 
-class _Walk(Enum):
-    DONE = "done"
-    BLOCKED = "blocked"
-    FAILED = "failed"
-
-
 def at(moment: datetime | None) -> str:
     return moment.isoformat(timespec="milliseconds") if moment else "an unknown time"
 
@@ -82,13 +84,18 @@ class Run:
         self, definition: Definition, state: InstanceState, now: datetime, policy: Policy
     ) -> None:
         self.definition = definition
-        self.state = state.model_copy(deep=True)
+        self.layout = layout_of(definition)
+        self.state = state.copy_for_transition()
+        self._before = {step: a.status for step, a in self.state.activities.items()}
+        """The status of each activity held when the transition began, for `count`."""
         self.now = now
         self.policy = policy
         self.decisions: list[Decision] = []
         self.history: list[HistoryEntry] = []
         self.changed: set[str] = set()
         self.failure: ActivityError | None = None
+        self._moved_on: set[str] = set()
+        """Finished activities this transition has already moved on from."""
 
     def note(
         self,
@@ -101,7 +108,51 @@ class Run:
         self.history.append(HistoryEntry(kind, reason, step, attempt, data))
 
     def result(self) -> Transition:
+        self.state.counts = {
+            status.value: n for status in ActivityStatus if (n := self.count(status)) > 0
+        }
         return Transition(self.state, self.decisions, self.history, frozenset(self.changed))
+
+    def activity(self, step: str) -> ActivityState | None:
+        """The activity of `step`, None if never dispatched (may raise NotLoaded)."""
+        return self.state.lookup(step)
+
+    def count(self, status: ActivityStatus) -> int:
+        """How many activities are in `status` now, held or not: the stored count, corrected
+        by what this transition changed in the activities it holds."""
+        before = sum(1 for s in self._before.values() if s is status)
+        now = sum(1 for a in self.state.activities.values() if a.status is status)
+        return self.state.counts.get(status.value, 0) - before + now
+
+    def context(self, references: frozenset[tuple[str, ...]]) -> dict[str, Any]:
+        """What an expression with these `references` sees: `inputs`, and the output of each
+        finished step it names (loaded first: may raise NotLoaded)."""
+        steps: dict[str, Any] = {}
+        named = {r[1] for r in references if r[0] == "steps" and len(r) > 1}
+        if any(r == ("steps",) for r in references):
+            # A step chosen at run time (`steps[x]`): every activity may be read.
+            if self.state.is_partial:
+                raise NotLoaded(every=True)
+            named = set(self.state.activities)
+        missing = frozenset(s for s in named if s in self.layout_steps and not self._known(s))
+        if missing:
+            raise NotLoaded(missing)
+        for step in named:
+            activity = self.state.activities.get(step)
+            if activity is not None and activity.status in DONE:
+                steps[step] = {"output": activity.output}
+        return {"inputs": self.state.inputs, "steps": steps}
+
+    @property
+    def layout_steps(self) -> Any:
+        return self.definition.step_index()
+
+    def _known(self, step: str) -> bool:
+        try:
+            self.state.lookup(step)
+        except NotLoaded:
+            return False
+        return True
 
     @property
     def cancelling(self) -> bool:
@@ -111,7 +162,7 @@ class Run:
 
     def current(self, step: str, attempt: int, outcome: str, server: str) -> ActivityState | None:
         """The activity, when a result of `attempt` may still change it."""
-        activity = self.state.activities.get(step)
+        activity = self.activity(step)
         if activity is None:
             self.note(
                 HistoryKind.IGNORED,
@@ -233,9 +284,9 @@ class Run:
         *,
         isolated: bool = False,
     ) -> None:
-        previous = self.state.activities.get(step.id)
+        previous = self.state.activities.get(step.id)  # a retry's: the event's own step
         try:
-            params = step.params.render(self.state.expression_context())
+            params = step.params.render(self.context(step.params.references()))
         except EvaluationError as exc:
             self.fail_step(step, attempt, ActivityError(kind="expression", message=str(exc)))
             return
@@ -289,9 +340,7 @@ class Run:
     def refresh_status(self) -> None:
         if self.state.status not in (InstanceStatus.RUNNING, InstanceStatus.FLAGGED):
             return
-        flagged = any(
-            a.status is ActivityStatus.INTERRUPTED for a in self.state.activities.values()
-        )
+        flagged = self.count(ActivityStatus.INTERRUPTED) > 0
         self.state.status = InstanceStatus.FLAGGED if flagged else InstanceStatus.RUNNING
 
     def after_ending(self) -> None:
@@ -304,10 +353,11 @@ class Run:
     def start_cancel(self, by: str, reason: str) -> None:
         """Record a cancel: nothing more starts; what runs is told to stop (DESIGN.md, "Cancel
         stops work"). The instance is CANCELLING until every running activity has stopped."""
+        open_activities = self.state.open_activities()
         self.state.cancel = CancelRequest(by=by, reason=reason, requested_at=self.now)
         outstanding = False
         running: list[tuple[str, ActivityState]] = []
-        for step, activity in self.state.activities.items():
+        for step, activity in open_activities:
             if activity.status is ActivityStatus.RUNNING:
                 running.append((step, activity))
             elif activity.status is ActivityStatus.SCHEDULED:
@@ -333,6 +383,7 @@ class Run:
             return
         self.state.status = InstanceStatus.CANCELLING
         grace = timedelta(seconds=self.policy.cancel_grace_s)
+        running.sort(key=lambda item: self.layout.position(item[0]))
         for step, activity in running:
             activity.reason = f"cancel requested by {by}: {activity.claimed_by} is told to stop it"
             self.changed.add(step)
@@ -348,7 +399,7 @@ class Run:
     def settle_cancel(self) -> None:
         if not self.cancelling:
             return
-        if any(a.status is ActivityStatus.RUNNING for a in self.state.activities.values()):
+        if self.count(ActivityStatus.RUNNING) > 0:
             return
         by = self.state.cancel.by if self.state.cancel else "operator"
         self.finish(
@@ -357,29 +408,6 @@ class Run:
             HistoryKind.INSTANCE_CANCELLED,
             f"cancelled by {by}: every activity that was running has stopped",
         )
-
-    def advance(self) -> None:
-        if self.state.status not in (InstanceStatus.RUNNING, InstanceStatus.FLAGGED):
-            return
-        walk = self.walk(self.definition.steps)
-        if walk is _Walk.DONE:
-            self.state.outputs = {
-                step: a.output for step, a in self.state.activities.items() if a.status in DONE
-            }
-            self.finish(
-                InstanceStatus.COMPLETED,
-                None,
-                HistoryKind.INSTANCE_COMPLETED,
-                "every step finished",
-            )
-        elif walk is _Walk.FAILED:
-            error = self.failure or ActivityError(kind="failed", message="a step failed")
-            self.finish(
-                InstanceStatus.FAILED,
-                error,
-                HistoryKind.INSTANCE_FAILED,
-                f"{error.kind}: {error.message}",
-            )
 
     def finish(
         self, status: InstanceStatus, error: ActivityError | None, kind: HistoryKind, reason: str
@@ -399,56 +427,164 @@ class Run:
             if attempt == 1:
                 del self.state.activities[step]
                 self.changed.discard(step)
-        for step, activity in self.state.activities.items():
-            if not activity.status.is_final:
+        if self.count_open() > 0:
+            for step, activity in self.state.open_activities():
                 # A worker may still be running it; its result will arrive late and be ignored.
                 activity.status = ActivityStatus.CANCELLED
                 activity.reason = f"instance {status.value.lower()}"
                 activity.flag = None
                 self.changed.add(step)
+        self.state.branches.clear()
+        self.state.joins.clear()
         self.decisions.append(Finish(status))
         self.note(kind, reason)
 
-    def walk(self, steps: tuple[Step, ...]) -> _Walk:
-        for step in steps:
-            outcome = self.walk_step(step)
-            if outcome is not _Walk.DONE:
-                return outcome
-        return _Walk.DONE
+    def count_open(self) -> int:
+        return sum(self.count(s) for s in ActivityStatus if not s.is_final)
 
-    def walk_step(self, step: Step) -> _Walk:
-        if isinstance(step, ActivityStep):
-            activity = self.state.activities.get(step.id)
-            if activity is None:
-                self.dispatch(step, 1, None, "its turn came")
-                activity = self.state.activities[step.id]
-            if activity.status in DONE:
-                return _Walk.DONE
-            if activity.status.is_final:
+    # --- moving on -----------------------------------------------------------------------------
+
+    def advance(self) -> None:
+        """Move on from every activity this transition finished: enter what comes next, join
+        parallel steps, complete the instance at the end of its steps; fail it when an
+        activity failed. Calling it again does nothing more."""
+        if self.state.status not in (InstanceStatus.RUNNING, InstanceStatus.FLAGGED):
+            return
+        ended = sorted(
+            (step for step in self.changed if self._ended_now(step)), key=self.layout.position
+        )
+        work: deque[tuple[str, str | Step]] = deque()
+        for step in ended:
+            self._moved_on.add(step)
+            activity = self.state.activities[step]
+            if activity.status not in DONE:
                 self.failure = self.failure or activity.error
-                return _Walk.FAILED
-            return _Walk.BLOCKED
+                self._fail()
+                return
+            work.append(("after", step))
+        self._run(work)
+
+    def _ended_now(self, step: str) -> bool:
+        """The activity of `step` reached a final status in this transition and nothing has
+        moved on from it yet."""
+        activity = self.state.activities.get(step)
+        before = self._before.get(step)
+        return (
+            step not in self._moved_on
+            and activity is not None
+            and activity.status.is_final
+            and not (before is not None and before.is_final)
+        )
+
+    def begin(self) -> None:
+        """Enter the first step of the definition (or complete an empty one)."""
+        work: deque[tuple[str, str | Step]] = deque()
+        if self.definition.steps:
+            work.append(("enter", self.definition.steps[0]))
+        else:
+            work.append(("end", ""))
+        self._run(work)
+
+    def _run(self, work: deque[tuple[str, str | Step]]) -> None:
+        # A work list, not recursion: a long run of empty branches costs no Python frames.
+        while work:
+            if self.state.status.is_final:
+                return
+            what, target = work.popleft()
+            if what == "enter":
+                assert not isinstance(target, str)
+                self._enter(target, work)
+            elif what == "after":
+                assert isinstance(target, str)
+                self._after(target, work)
+            else:
+                self._complete()
+
+    def _after(self, step_id: str, work: deque[tuple[str, str | Step]]) -> None:
+        """`step_id` finished: its sequence goes on, or ends and its owner hears of it."""
+        place = self.layout.place(step_id)
+        if place.index + 1 < len(place.sequence):
+            work.append(("enter", place.sequence[place.index + 1]))
+            return
+        self._sequence_ended(place.owner, work)
+
+    def _sequence_ended(self, owner: str | None, work: deque[tuple[str, str | Step]]) -> None:
+        if owner is None:
+            work.append(("end", ""))
+            return
+        container = self.definition.step_index()[owner]
+        if isinstance(container, ConditionStep):
+            self.state.branches.pop(owner, None)
+            work.append(("after", owner))
+            return
+        assert isinstance(container, ParallelStep)
+        counted = self.state.joins.get(owner)
+        if counted is None:
+            # Every parallel step is counted when entered (and carried-over instances by
+            # `paceline-scheduler migrate`): without a count, joining would be a guess.
+            raise RuntimeError(
+                f"parallel step {owner!r} is in progress but has no count of its branches: "
+                "was the process database upgraded with `paceline-scheduler migrate`?"
+            )
+        if counted > 1:
+            self.state.joins[owner] = counted - 1
+            return
+        self.state.joins.pop(owner, None)
+        work.append(("after", owner))
+
+    def _enter(self, step: Step, work: deque[tuple[str, str | Step]]) -> None:
+        if isinstance(step, ActivityStep):
+            if step.id in self.state.activities:
+                return  # entered already (a complete state can tell)
+            self.dispatch(step, 1, None, "its turn came")
+            activity = self.state.activities[step.id]
+            if activity.status.is_final:  # its parameters could not be evaluated
+                self._moved_on.add(step.id)
+                self.failure = self.failure or activity.error
+                self._fail()
+            return
         if isinstance(step, ConditionStep):
-            taken = self.state.branches.get(step.id)
-            if taken is None:
-                try:
-                    taken = bool(step.condition.evaluate(self.state.expression_context()))
-                except EvaluationError as exc:
-                    self.failure = ActivityError(kind="expression", message=f"{step.id}.if: {exc}")
-                    return _Walk.FAILED
-                self.state.branches[step.id] = taken
-                self.note(
-                    HistoryKind.BRANCH,
-                    f"'{step.condition.source}' is {taken}: took {'then' if taken else 'else'}",
-                    step.id,
-                )
-            return self.walk(step.then if taken else step.otherwise)
-        outcomes = [self.walk(branch) for branch in step.branches]
-        if _Walk.FAILED in outcomes:
-            return _Walk.FAILED
-        if _Walk.BLOCKED in outcomes:
-            return _Walk.BLOCKED
-        return _Walk.DONE
+            try:
+                taken = bool(step.condition.evaluate(self.context(step.condition.references())))
+            except EvaluationError as exc:
+                self.failure = ActivityError(kind="expression", message=f"{step.id}.if: {exc}")
+                self._fail()
+                return
+            self.note(
+                HistoryKind.BRANCH,
+                f"'{step.condition.source}' is {taken}: took {'then' if taken else 'else'}",
+                step.id,
+            )
+            branch = step.then if taken else step.otherwise
+            if not branch:
+                work.append(("after", step.id))
+                return
+            self.state.branches[step.id] = taken
+            work.append(("enter", branch[0]))
+            return
+        branches = [b for b in step.branches if b]
+        if not branches:
+            work.append(("after", step.id))
+            return
+        self.state.joins[step.id] = len(branches)
+        work.extend(("enter", b[0]) for b in branches)
+
+    def _complete(self) -> None:
+        self.finish(
+            InstanceStatus.COMPLETED,
+            None,
+            HistoryKind.INSTANCE_COMPLETED,
+            "every step finished",
+        )
+
+    def _fail(self) -> None:
+        error = self.failure or ActivityError(kind="failed", message="a step failed")
+        self.finish(
+            InstanceStatus.FAILED,
+            error,
+            HistoryKind.INSTANCE_FAILED,
+            f"{error.kind}: {error.message}",
+        )
 
 
 def describe_crashes(crashes: list[Crash]) -> str:

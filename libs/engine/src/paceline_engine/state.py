@@ -1,7 +1,10 @@
 """The durable state of one process instance, as the engine reads and writes it.
 
-The scheduler stores it as one JSON document per instance, so one row update commits a whole
-transition; the admin API reads the same document to show activities.
+The scheduler stores it in parts, so that a transition reads and writes only what it touches:
+a small instance document (status, inputs, counters, joins in progress) and one row per
+activity. The engine works on an `InstanceState` that holds the instance document and the
+activities loaded so far; when it needs one that is not loaded it raises `NotLoaded`, and the
+scheduler loads it and applies the event again (the engine never mutates its input).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from paceline_contracts.messages import ActivityError
 from paceline_contracts.states import ActivityStatus, InstanceStatus
@@ -115,17 +118,36 @@ class ActivityState(BaseModel):
 MAX_CRASHES_KEPT = 10
 
 
+class NotLoaded(Exception):
+    """The transition needs activities the partial state does not hold: load them (every
+    activity named in `steps`; every open one when `open`; every one when `every`) and apply
+    the event again."""
+
+    def __init__(
+        self, steps: frozenset[str] = frozenset(), *, open: bool = False, every: bool = False
+    ) -> None:
+        super().__init__(f"needs {sorted(steps)} open={open} every={every}")
+        self.steps = steps
+        self.open = open
+        self.every = every
+
+
 class InstanceState(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     status: InstanceStatus = InstanceStatus.PENDING
     inputs: dict[str, Any] = Field(default_factory=dict)
     activities: dict[str, ActivityState] = Field(default_factory=dict)
-    """Every activity dispatched so far, by step id (unordered: jsonb does not keep key
-    order; show them in definition order)."""
+    """The activities held in memory, by step id: every one dispatched so far in a complete
+    state (a new instance, the engine's tests), those loaded so far in a partial one (the
+    scheduler's). Stored as rows of their own, never in the instance document."""
+    counts: dict[str, int] = Field(default_factory=dict)
+    """How many activities are in each `ActivityStatus` (loaded or not); absent means 0."""
     branches: dict[str, bool] = Field(default_factory=dict)
-    """Condition step id -> True when `then` was taken; decided once, never re-evaluated."""
-    outputs: dict[str, Any] | None = None
+    """Condition step id -> True when `then` was taken, for conditions entered and not yet
+    finished (the history keeps every choice); decided once, never re-evaluated."""
+    joins: dict[str, int] = Field(default_factory=dict)
+    """Parallel step id -> branches not finished yet, for parallel steps in progress."""
     error: ActivityError | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -134,12 +156,70 @@ class InstanceState(BaseModel):
     cancel: CancelRequest | None = None
     """Set once a cancel is recorded (the instance is CANCELLING or CANCELLED)."""
 
-    def expression_context(self) -> dict[str, Any]:
-        return {
-            "inputs": self.inputs,
-            "steps": {
-                step: {"output": a.output}
-                for step, a in self.activities.items()
-                if a.status in (ActivityStatus.COMPLETED, ActivityStatus.SKIPPED)
-            },
-        }
+    _partial: bool = PrivateAttr(default=False)
+    _absent: set[str] = PrivateAttr(default_factory=set)
+    _open_loaded: bool = PrivateAttr(default=False)
+
+    @classmethod
+    def partial(cls, document: dict[str, Any]) -> InstanceState:
+        """The instance document as stored, without its activities: load them as needed."""
+        state = cls.model_validate(document)
+        state._partial = True
+        return state
+
+    @property
+    def is_partial(self) -> bool:
+        return self._partial
+
+    def add_loaded(
+        self,
+        rows: dict[str, ActivityState],
+        looked_up: set[str] | frozenset[str] = frozenset(),
+        *,
+        open: bool = False,
+        every: bool = False,
+    ) -> None:
+        """Activities read from the store: `rows` found; `looked_up` steps asked for (those
+        not in `rows` do not exist); `open`: every open activity is now loaded; `every`: every
+        activity is. Activities already held are kept: they may have changed in memory."""
+        for step, activity in rows.items():
+            self.activities.setdefault(step, activity)
+        self._absent |= set(looked_up) - set(rows) - set(self.activities)
+        self._open_loaded = self._open_loaded or open or every
+        if every:
+            self._partial = False
+
+    def lookup(self, step: str) -> ActivityState | None:
+        """The activity of `step`, None when it was never dispatched; raises NotLoaded when a
+        partial state does not know."""
+        activity = self.activities.get(step)
+        if activity is not None or not self._partial or step in self._absent:
+            return activity
+        raise NotLoaded(frozenset({step}))
+
+    def open_activities(self) -> list[tuple[str, ActivityState]]:
+        """Every activity not in a final status; raises NotLoaded when they are not all held."""
+        if self._partial and not self._open_loaded and self.count_open() > 0:
+            raise NotLoaded(open=True)
+        return [(s, a) for s, a in self.activities.items() if not a.status.is_final]
+
+    def count_open(self) -> int:
+        return sum(n for status, n in self.counts.items() if not ActivityStatus(status).is_final)
+
+    def copy_for_transition(self) -> InstanceState:
+        """A deep copy that keeps what is known about the activities not held."""
+        copy = self.model_copy(deep=True)
+        copy._partial = self._partial
+        copy._absent = set(self._absent)
+        copy._open_loaded = self._open_loaded
+        return copy
+
+    def document(self) -> dict[str, Any]:
+        """The instance document as stored (JSON types), without the activities."""
+        return self.model_dump(mode="json", exclude={"activities"})
+
+
+def outputs_of(activities: dict[str, ActivityState]) -> dict[str, Any]:
+    """An instance's outputs: each finished (completed or skipped) activity's output, by step."""
+    done = (ActivityStatus.COMPLETED, ActivityStatus.SKIPPED)
+    return {step: a.output for step, a in activities.items() if a.status in done}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from importlib.resources.abc import Traversable
 from urllib.parse import urlsplit, urlunsplit
 
@@ -84,8 +85,14 @@ async def ensure_database(url: str) -> None:
         await conn.close()
 
 
-async def migrate(url: str, migrations: Traversable) -> list[str]:
-    """Apply, in order, each `NNNN_name.sql` not applied yet; returns the names applied."""
+async def migrate(
+    url: str,
+    migrations: Traversable,
+    after: Callable[[asyncpg.Connection], Awaitable[object]] | None = None,
+) -> list[str]:
+    """Apply, in order, each `NNNN_name.sql` not applied yet; returns the names applied.
+    `after` then runs on the same connection (JSON codecs set), still under the migration
+    lock: the data steps SQL cannot do, which must be idempotent."""
     await ensure_database(url)
     files = sorted(
         (f for f in migrations.iterdir() if _MIGRATION.match(f.name)), key=lambda f: f.name
@@ -114,6 +121,9 @@ async def migrate(url: str, migrations: Traversable) -> list[str]:
                 )
             applied.append(f.name)
             log.info("applied migration %s to %s", f.name, database_name(url))
+        if after is not None:
+            await _init_connection(conn)
+            await after(conn)
     finally:
         await conn.close()
     return applied

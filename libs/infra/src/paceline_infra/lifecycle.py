@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from importlib.resources import files
 from typing import Any, TypeVar
 
+import asyncpg
 from pydantic import SecretBytes, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsError
 
@@ -80,11 +81,16 @@ def run_server(
     run(lambda stop: serve(settings, identity, stop))
 
 
-def migrate_command(url: str, package: str, what: str) -> str:
-    """Create the database in `url` if needed and apply `package`'s migrations; says what it
-    did, without the password."""
+def migrate_command(
+    url: str,
+    package: str,
+    what: str,
+    after: Callable[[asyncpg.Connection], Awaitable[object]] | None = None,
+) -> str:
+    """Create the database in `url` if needed and apply `package`'s migrations, then `after`
+    (see `db.migrate`); says what it did, without the password."""
     setup_logging("migrate", "INFO")
-    applied = asyncio.run(db.migrate(url, files(package) / "migrations"))
+    applied = asyncio.run(db.migrate(url, files(package) / "migrations", after))
     return f"{what} {db.redact(url)}: {len(applied)} migration(s) applied"
 
 

@@ -17,3 +17,7 @@ def setup_logging(server_id: str, level: str = "INFO") -> None:
     # The AMQP client logs every reconnect attempt at WARNING with a traceback; keep ours.
     logging.getLogger("aiormq").setLevel(logging.ERROR)
     logging.getLogger("aio_pika").setLevel(logging.ERROR)
+    # On a reconnect it logs, at ERROR, each robust channel's close callback failing on the
+    # dead transport (ChannelInvalidStateError): expected then, and our own consume callbacks
+    # handle their errors themselves.
+    logging.getLogger("aio_pika.tools").setLevel(logging.CRITICAL)

@@ -43,6 +43,7 @@ from paceline_engine.activity_types import (
     ShellCommandParams,
     SleepParams,
 )
+from paceline_infra.children import die_with_parent
 
 Adapter = Callable[[Any], Awaitable[Any]]
 
@@ -429,6 +430,9 @@ async def shell_command(params: ShellCommandParams) -> dict[str, Any]:
             cwd=params.cwd,
             # Its own process group, so that stopping it also stops what it started.
             start_new_session=True,
+            # Killed if the worker dies: the failover rule gives its work to others (or flags
+            # it), and a command left running could do its effect twice.
+            preexec_fn=die_with_parent(signal.SIGKILL),
         )
     except (OSError, ValueError) as exc:
         raise ActivityFailure("exec", f"cannot start {program!r}: {_os_error(exc)}") from None

@@ -81,7 +81,10 @@ class Cancellations:
                 return
             self._remember(cancel)
         finally:
-            await message.ack()
+            try:
+                await message.ack()
+            except Exception:  # a channel closed by a reconnect: the stream is read again
+                log.debug("cancellations: ack on a closed channel", exc_info=True)
 
     def _remember(self, cancel: InstanceCancelled) -> None:
         now = datetime.now(UTC)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -22,24 +21,17 @@ import sys
 from typing import Any
 
 from paceline_contracts.messages import ActivityTask
+from paceline_infra.children import die_with_parent
 from paceline_worker.adapters import ActivityFailure
 
 STOP_GRACE_S = 10.0
 """How long a runner told to stop (SIGTERM) may take before it is killed: its adapter's own
 grace (a shell command's `kill_grace`, 5 s by default) and a margin."""
 _STDERR_TAIL = 500
-_PR_SET_PDEATHSIG = 1
 
 
 class RunnerCrashed(Exception):
     """The runner process died before it reported an outcome: the activity crashed it."""
-
-
-def _die_with_parent() -> None:
-    """In the runner, before exec: a SIGTERM when its worker dies, so that no suspect runs on
-    unattended (its message goes back to the queue and runs again elsewhere)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 async def run_isolated(task: ActivityTask) -> Any:
@@ -56,7 +48,9 @@ async def run_isolated(task: ActivityTask) -> Any:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
-        preexec_fn=_die_with_parent,
+        # A SIGTERM when its worker dies: no suspect runs on unattended (its message goes back
+        # to the queue and runs again elsewhere).
+        preexec_fn=die_with_parent(signal.SIGTERM),
     )
     try:
         stdout, stderr = await proc.communicate(task.model_dump_json().encode())

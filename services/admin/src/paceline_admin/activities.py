@@ -30,9 +30,13 @@ def step_order(definition_body: Any) -> dict[str, int]:
 def activity_views(
     instance_id: Any, activities: Mapping[str, Any], definition_body: Any, servers: Servers
 ) -> list[ActivityView]:
-    """`servers`: the registry rows of the servers the flags name (`holders.lookup`)."""
-    order = step_order(definition_body)
-    steps = sorted(activities, key=lambda step: (order.get(step, len(order)), step))
+    """`activities` in their order, or in the definition's order when `definition_body` is
+    given (for rows stored without a position). `servers`: the registry rows of the servers
+    the flags name (`holders.lookup`)."""
+    steps: list[str] = list(activities)
+    if definition_body is not None:
+        order = step_order(definition_body)
+        steps.sort(key=lambda step: (order.get(step, len(order)), step))
     return [_view(instance_id, step, activities[step], servers) for step in steps]
 
 

@@ -9,7 +9,15 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from paceline_admin import definitions, flags, health, instances, problems, servers
+from paceline_admin import (
+    definitions,
+    flags,
+    health,
+    instance_activities,
+    instances,
+    problems,
+    servers,
+)
 from paceline_admin.auth import token_first
 from paceline_admin.body_limit import BodyLimit
 from paceline_admin.presence import present
@@ -19,7 +27,8 @@ from paceline_contracts.states import ServerKind
 from paceline_infra.identity import ServerIdentity
 
 DESCRIPTION = """\
-The Paceline admin API. Every /v1 request carries `Authorization: Bearer <token>`.
+The Paceline admin API. Every /v1 request carries `Authorization: Bearer <token>`: the token
+of a principal (`PACELINE_ADMIN_TOKEN`'s is `admin`, `PACELINE_ADMIN_TOKENS` names others).
 Every error is `application/problem+json` (RFC 9457) with a `detail`, and `errors` listing
 each problem when there can be several. Bad input is a 4xx, never a 500: malformed JSON or
 YAML is 400, bodies over 1 MiB 413, invalid definitions, inputs and parameters 422, unknown
@@ -31,9 +40,9 @@ connected is 503 (nothing was recorded: try again).
 Instance statuses: PENDING, RUNNING, WAITING, FLAGGED (an activity waits for an operator),
 CANCELLING (a cancel was recorded: nothing more of the instance starts, and it waits for the
 activities that were running to stop; the instance's `cancel.waiting_for` lists them), and
-the final COMPLETED, FAILED and CANCELLED. A cancel, and each decision on a flag, is recorded
-with who asked (`X-Paceline-Operator`, else the token's holder); a cancel asked again answers
-as the first did.
+the final COMPLETED, FAILED and CANCELLED. A start (`started_by`), a cancel, each decision on a
+flag and a drain are recorded with who asked: the principal whose token the request carries,
+never a name a header gives. A cancel asked again answers as the first did.
 
 Every server (scheduler, activity-worker, reporting, admin) reports itself to the server
 registry with heartbeats; `/v1/servers` lists them and drains or removes one. This admin
@@ -74,6 +83,7 @@ def create_app(settings: AdminSettings, identity: ServerIdentity | None = None) 
     app.include_router(health.router)
     app.include_router(definitions.router)
     app.include_router(instances.router)
+    app.include_router(instance_activities.router)
     app.include_router(flags.router)
     app.include_router(servers.router)
 

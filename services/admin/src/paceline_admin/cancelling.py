@@ -21,11 +21,11 @@ import asyncpg
 from aio_pika.abc import AbstractRobustConnection
 
 from paceline_admin import instance_store, request_store, sending
-from paceline_admin.instance_models import CancelAccepted, CancelInfo
+from paceline_admin.instance_models import CancelAccepted, CancelInfo, WaitingActivity
 from paceline_admin.problems import ApiError
 from paceline_contracts.messages import CancelInstance, InstanceCancelled
 from paceline_contracts.queues import Queue, Stream
-from paceline_contracts.states import InstanceStatus
+from paceline_contracts.states import ActivityStatus, InstanceStatus
 from paceline_infra import db, outbox
 from paceline_infra.amqp import Publisher
 from paceline_infra.outbox import OutboxMessage
@@ -45,6 +45,32 @@ ENDED = (InstanceStatus.COMPLETED, InstanceStatus.FAILED)
 def recorded(status: InstanceStatus) -> bool:
     """Whether the scheduler has recorded a cancel (or the instance ended: nothing changes)."""
     return status is InstanceStatus.CANCELLING or status.is_final
+
+
+def waiting_for(status: InstanceStatus, activities: dict[str, Any]) -> list[WaitingActivity]:
+    """While CANCELLING: the running activities (granted to a worker before the cancel was
+    recorded) that the cancel waits for; none otherwise."""
+    if status is not InstanceStatus.CANCELLING:
+        return []
+    return [
+        WaitingActivity(
+            step=step,
+            attempt=int(a.get("attempt") or 0),
+            server=a.get("claimed_by") or a.get("server_id"),
+        )
+        for step, a in sorted(activities.items())
+        if isinstance(a, dict) and a.get("status") == ActivityStatus.RUNNING
+    ]
+
+
+def _overtaken(instance_id: UUID, status: InstanceStatus, first: CancelInfo) -> ApiError:
+    """The instance ended on its own before the scheduler could apply the cancel."""
+    return ApiError(
+        409,
+        f"instance {instance_id} ended {status.value} before the cancel asked by {first.by} "
+        f"at {first.requested_at.isoformat()} could be applied: nothing was cancelled",
+        kind="instance-ended",
+    )
 
 
 def _info(row: Any) -> CancelInfo:
@@ -92,6 +118,8 @@ async def cancel_instance(
     status = InstanceStatus(target["status"])
     if target["by"] is not None:
         # A repeat: answered as the first was, with the current status.
+        if status in ENDED:
+            raise _overtaken(instance_id, status, _info(target))
         return await _answer(pool, instance_id, status, _info(target))
     if status in ENDED:
         raise _ended(instance_id, status, target)
@@ -150,19 +178,36 @@ async def _record(
 async def _answer(
     pool: asyncpg.Pool, instance_id: UUID, status: InstanceStatus, first: CancelInfo
 ) -> CancelAccepted:
+    status, activities = await _wait_recorded(pool, instance_id, status)
+    if status in ENDED:
+        raise _overtaken(instance_id, status, first)
     return CancelAccepted(
-        id=instance_id, status=await _wait_recorded(pool, instance_id, status), cancel=first
+        id=instance_id,
+        status=status,
+        cancel=first,
+        waiting_for=waiting_for(status, activities),
     )
 
 
 async def _wait_recorded(
     pool: asyncpg.Pool, instance_id: UUID, status: InstanceStatus
-) -> InstanceStatus:
-    """The status once the scheduler has recorded the cancel, or the last one seen when it did
-    not within RECORD_WAIT_S (or the database stopped answering: the request is committed)."""
+) -> tuple[InstanceStatus, dict[str, Any]]:
+    """The status (and activities) once the scheduler has recorded the cancel, or the last
+    seen when it did not within RECORD_WAIT_S (or the database stopped answering: the request
+    is committed)."""
+    activities: dict[str, Any] = {}
     loop = asyncio.get_running_loop()
     deadline = loop.time() + RECORD_WAIT_S
-    while not recorded(status):
+    while True:
+        try:
+            current = await instance_store.status_and_activities(pool, instance_id)
+        except db.UNAVAILABLE as exc:
+            log.warning("cancel of %s: could not see it recorded: %r", instance_id, exc)
+            break
+        if current is not None:
+            status, activities = InstanceStatus(current[0]), current[1]
+        if recorded(status):
+            break
         if loop.time() >= deadline:
             log.warning(
                 "cancel of %s not recorded by the scheduler within %.1fs; answered anyway",
@@ -171,11 +216,4 @@ async def _wait_recorded(
             )
             break
         await asyncio.sleep(RECORD_POLL_S)
-        try:
-            current = await instance_store.current_status(pool, instance_id)
-        except db.UNAVAILABLE as exc:
-            log.warning("cancel of %s: could not see it recorded: %r", instance_id, exc)
-            break
-        if current is not None:
-            status = InstanceStatus(current)
-    return status
+    return status, activities

@@ -133,6 +133,12 @@ def _note(
         return f"{server_id} is LOST: no heartbeat since {_at(last)} (it died, or is cut off)"
     if status is ServerStatus.DRAINED:
         return f"{server_id} has drained (last heartbeat at {_at(last)}): it runs nothing more"
+    if not alive and flagged_at is not None and last > flagged_at:
+        return (
+            f"{server_id} is {status.value}; its last heartbeat (at {_at(last)}) came within "
+            f"{ALIVE_MARGIN.total_seconds():g}s of the flag (at {_at(flagged_at)}), too close to "
+            "tell from one sent before it; it shows LOST if it stays silent"
+        )
     if not alive:
         return (
             f"{server_id} is {status.value} but has not heartbeated since the flag (at "

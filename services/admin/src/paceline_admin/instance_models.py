@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
 from paceline_admin.params import MAX_VERSION, Text
 from paceline_contracts.messages import ActivityError
@@ -61,7 +61,7 @@ class InstanceSummary(BaseModel):
     version: int
     status: InstanceStatus = Field(description=STATUS_DESCRIPTION)
     trace_id: str | None
-    started_by: str = Field(description="Who asked: `X-Paceline-Started-By`, else `admin-token`.")
+    started_by: str = Field(description="Who asked: the principal whose token the start carried.")
     started_how: str = Field(description="Through what: `api` for this API.")
     created_at: datetime = Field(description="When the start was accepted.")
     started_at: datetime | None = Field(description="When the scheduler started running it.")
@@ -189,9 +189,7 @@ class WaitingActivity(BaseModel):
 class CancelInfo(BaseModel):
     """A cancel request: the first one (a repeat answers with these)."""
 
-    by: str = Field(
-        description="Who asked (the principal): `X-Paceline-Operator`, else the token's holder."
-    )
+    by: str = Field(description="Who asked: the principal whose token the request carried.")
     reason: str
     requested_at: datetime = Field(description="When it was recorded (the database's clock).")
 
@@ -215,9 +213,23 @@ class InstanceDetail(InstanceSummary):
     inputs: dict[str, Any]
     outputs: dict[str, Any] | None
     error: ActivityError | None
-    activities: list[ActivityView] = Field(description="In definition order.")
+    activities: list[ActivityView] = Field(
+        description="In definition order; at most the first 1,000 (see `activities_truncated`)."
+    )
+    activity_count: int = Field(description="How many activities were dispatched in all.")
+    activities_truncated: bool = Field(
+        description="True when `activities` holds only the first 1,000: page through all of "
+        "them with `GET /v1/instances/{id}/activities`."
+    )
     cancel: CancelView | None = Field(
         default=None, description="The cancel, once one was asked for; otherwise null."
+    )
+
+
+class ActivityPage(BaseModel):
+    items: list[ActivityView] = Field(description="In definition order.")
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last one."
     )
 
 
@@ -252,6 +264,12 @@ class CancelAccepted(BaseModel):
     cancel: CancelInfo | None = Field(
         description="The first cancel request (a repeat answers with the same); null only for "
         "an instance cancelled without one (by an older version)."
+    )
+    waiting_for: list[WaitingActivity] = Field(
+        default_factory=list,
+        description="While CANCELLING: the attempts that had been granted to a worker before "
+        "the cancel was recorded, being stopped now. Only these may still have an effect; "
+        "nothing else of the instance starts.",
     )
     cancel_requested: bool = True
 
@@ -308,7 +326,7 @@ class ResolveRequest(BaseModel):
         default=None,
         description="Only with `skip`: the output later steps see (`{}` when omitted).",
     )
-    force: bool = Field(
+    force: StrictBool = Field(
         default=False,
         description="Only with `retry`: retry even though the server that held the attempt has "
         "been alive since the flag (`flag.holder.may_still_finish`), so the original attempt "

@@ -1,5 +1,9 @@
-"""SQL for instances and their history. The admin API only inserts PENDING instances; every
-later change is the scheduler's."""
+"""SQL for instances, their activities and their history. The admin API only inserts PENDING
+instances; every later change is the scheduler's.
+
+An instance is a small document (`instances.state`: status, inputs, counters) and one row per
+activity (`activities`, with the step's depth-first `position` in the definition, NULL for a
+row carried over from the single-document layout until the scheduler next writes it)."""
 
 from __future__ import annotations
 
@@ -71,10 +75,13 @@ async def by_idempotency_key(pool: asyncpg.Pool, key: str) -> asyncpg.Record | N
     return row
 
 
-async def detail(pool: asyncpg.Pool, instance_id: UUID) -> asyncpg.Record | None:
-    """The instance with its state document, its definition (for the step order) and its
-    first cancel request (`cancel_by`, `cancel_reason`, `cancel_requested_at`: null when none)."""
-    row: asyncpg.Record | None = await pool.fetchrow(_DETAIL, instance_id)
+async def detail(
+    conn: asyncpg.Pool | asyncpg.Connection, instance_id: UUID
+) -> asyncpg.Record | None:
+    """The instance with its state document, its definition (to order activities stored
+    without a position) and its first cancel request (`cancel_by`, `cancel_reason`,
+    `cancel_requested_at`: null when none)."""
+    row: asyncpg.Record | None = await conn.fetchrow(_DETAIL, instance_id)
     return row
 
 
@@ -111,11 +118,92 @@ async def page(
     return rows
 
 
-async def current_status(pool: asyncpg.Pool, instance_id: UUID) -> str | None:
+async def current_status(pool: asyncpg.Pool | asyncpg.Connection, instance_id: UUID) -> str | None:
     status: str | None = await pool.fetchval(
         "SELECT status FROM instances WHERE id = $1", instance_id
     )
     return status
+
+
+_FINAL = "('COMPLETED', 'FAILED', 'TIMED_OUT', 'CANCELLED', 'SKIPPED')"
+"""Final activity statuses, spelt as the `activities_open` index's predicate spells them."""
+
+UNPLACED = 2**31 - 1
+"""The position of a row without one (carried over from the single-document layout): it
+sorts after every positioned row."""
+
+
+async def open_activities(
+    conn: asyncpg.Pool | asyncpg.Connection, instance_id: UUID
+) -> dict[str, Any]:
+    """The activities of the instance not in a final status, by step: their state documents."""
+    rows = await conn.fetch(
+        f"SELECT step, state FROM activities WHERE instance_id = $1 AND status NOT IN {_FINAL}",  # noqa: S608 (constants only)
+        instance_id,
+    )
+    return {r["step"]: r["state"] for r in rows}
+
+
+async def status_and_activities(
+    pool: asyncpg.Pool, instance_id: UUID
+) -> tuple[str, dict[str, Any]] | None:
+    """The instance's status and its open activities (by step), or None."""
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        status: str | None = await conn.fetchval(
+            "SELECT status FROM instances WHERE id = $1", instance_id
+        )
+        if status is None:
+            return None
+        return status, await open_activities(conn, instance_id)
+
+
+async def activity_page(
+    conn: asyncpg.Pool | asyncpg.Connection,
+    instance_id: UUID,
+    *,
+    statuses: Sequence[str] = (),
+    after: tuple[int, str] | None = None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """Activities in definition order (rows without a position last, by step), from after the
+    keyset `after` (position, step); each with `step`, `position` (never null here) and
+    `state`."""
+    args: list[Any] = [instance_id]
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    where = ["instance_id = $1"]
+    if statuses:
+        where.append(f"status = ANY({arg(list(statuses))}::text[])")
+    key = f"coalesce(position, {UNPLACED})"
+    if after is not None:
+        where.append(f"({key}, step) > ({arg(after[0])}::int, {arg(after[1])}::text)")
+    # Only placeholders and constants are interpolated; every value travels as a parameter.
+    sql = (
+        f"SELECT step, {key} AS position, state FROM activities"  # noqa: S608 (placeholders only)
+        f" WHERE {' AND '.join(where)} ORDER BY {key}, step LIMIT {arg(limit)}"
+    )
+    rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+    return rows
+
+
+async def activity_count(conn: asyncpg.Pool | asyncpg.Connection, instance_id: UUID) -> int:
+    count: int = await conn.fetchval(
+        "SELECT count(*) FROM activities WHERE instance_id = $1", instance_id
+    )
+    return count
+
+
+async def outputs(conn: asyncpg.Pool | asyncpg.Connection, instance_id: UUID) -> dict[str, Any]:
+    """Each finished (completed or skipped) activity's output, by step."""
+    value = await conn.fetchval(
+        "SELECT coalesce(jsonb_object_agg(step, state->'output'), '{}'::jsonb) FROM activities"
+        " WHERE instance_id = $1 AND status IN ('COMPLETED', 'SKIPPED')",
+        instance_id,
+    )
+    return value if isinstance(value, dict) else {}
 
 
 async def history(pool: asyncpg.Pool, instance_id: UUID) -> list[asyncpg.Record] | None:
@@ -134,10 +222,10 @@ async def history(pool: asyncpg.Pool, instance_id: UUID) -> list[asyncpg.Record]
 # Every INTERRUPTED activity of a FLAGGED instance, one row each, keyed by when it was flagged.
 # An activity without a flag (written by an older engine) sorts by the row's last change.
 _FLAGGED = """
-    SELECT i.id AS instance_id, i.definition, i.version, a.key AS step, a.value AS activity,
-           coalesce((a.value->'flag'->>'flagged_at')::timestamptz, i.updated_at) AS flagged_at
-    FROM instances i CROSS JOIN LATERAL jsonb_each(i.state->'activities') AS a
-    WHERE i.status = 'FLAGGED' AND a.value->>'status' = 'INTERRUPTED'
+    SELECT i.id AS instance_id, i.definition, i.version, a.step, a.state AS activity,
+           coalesce((a.state->'flag'->>'flagged_at')::timestamptz, a.updated_at) AS flagged_at
+    FROM activities a JOIN instances i ON i.id = a.instance_id
+    WHERE i.status = 'FLAGGED' AND a.status = 'INTERRUPTED'
 """
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -28,15 +29,18 @@ from paceline_admin.instance_models import (
     ResolveRequest,
     StartedInstance,
     StartInstanceRequest,
-    WaitingActivity,
 )
 from paceline_admin.paging import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor
 from paceline_admin.params import Text
 from paceline_admin.problems import ApiError, ProblemItem, problem_responses
 from paceline_admin.resources import Broker, BrokerConnection, Db
-from paceline_contracts.states import ActivityStatus, InstanceStatus
+from paceline_contracts.states import InstanceStatus
 
 log = logging.getLogger(__name__)
+
+MAX_EMBEDDED_ACTIVITIES = 1000
+"""`GET /v1/instances/{id}` embeds at most this many activities (the first, in definition
+order); `GET /v1/instances/{id}/activities` pages through all of them."""
 
 IdParam = Annotated[UUID, Path(description="The instance id.")]
 IdempotencyKey = Annotated[
@@ -50,35 +54,16 @@ IdempotencyKey = Annotated[
         "same instance; the same key with another request is refused (422).",
     ),
 ]
-StartedBy = Annotated[
-    str | None,
-    Header(
-        alias="X-Paceline-Started-By",
-        max_length=200,
-        pattern=r"^[^\x00-\x1f\x7f]+$",
-        description="Who the start is for (a person or service), recorded as `started_by`.",
-    ),
-]
 
 StepParam = Annotated[str, Path(description="The step id of the activity."), Text]
-Operator = Annotated[
-    str | None,
-    Header(
-        alias="X-Paceline-Operator",
-        max_length=200,
-        pattern=r"^[^\x00-\x1f\x7f]+$",
-        description="Who asks or decides (a person or service), recorded as `by` (in the "
-        "history, and for a cancel in `cancel.by`); the token's holder (`admin-token`) when "
-        "omitted.",
-    ),
-]
 
 StatusFilter = Annotated[
     list[str] | None,
     Query(description="Only these statuses: repeat the parameter or separate them with commas."),
 ]
 
-# The token is checked for every route here; `Authorized` in a signature also names who asked.
+# The token is checked for every route here; `Authorized` in a signature also names who asked:
+# the token's principal, recorded as `started_by` and `by` (no header can name anyone else).
 router = APIRouter(
     prefix="/v1/instances",
     tags=["instances"],
@@ -96,22 +81,22 @@ router = APIRouter(
 async def start_instance(
     body: StartInstanceRequest,
     response: Response,
-    subject: Authorized,
+    principal: Authorized,
     pool: Db,
     publisher: Broker,
     idempotency_key: IdempotencyKey = None,
-    started_by: StartedBy = None,
 ) -> StartedInstance:
     """Record a PENDING instance and send its start command; the scheduler runs it.
 
     An unknown definition or version is 404; inputs that do not fit the definition are 422
     with every problem in `errors`. A replayed Idempotency-Key answers 202 too, with the
-    header `Idempotent-Replayed: true` and the instance's current status."""
+    header `Idempotent-Replayed: true` and the instance's current status. The instance's
+    `started_by` is the principal whose token the request carries."""
     started, replayed = await starting.start_instance(
         pool,
         publisher,
         body,
-        started_by=started_by or subject,
+        started_by=principal,
         idempotency_key=idempotency_key,
     )
     response.headers["Location"] = f"/v1/instances/{started.id}"
@@ -120,10 +105,10 @@ async def start_instance(
     return started
 
 
-def _statuses(raw: list[str]) -> list[str]:
-    """`?status=A&status=B` and `?status=A,B` both work; every unknown one is reported."""
+def statuses(raw: list[str], kind: type[StrEnum] = InstanceStatus) -> list[str]:
+    """`?status=A&status=B` and `?status=A,B` both work; every one not in `kind` is reported."""
     values = [v.strip() for item in raw for v in item.split(",") if v.strip()]
-    known = [s.value for s in InstanceStatus]
+    known = [s.value for s in kind]
     bad = [
         ProblemItem(path="query.status", message=f"{v!r} is not one of {', '.join(known)}")
         for v in values
@@ -159,7 +144,7 @@ async def list_instances(
     """Instances, newest first, a page at a time."""
     rows = await store.page(
         pool,
-        statuses=_statuses(status or []),
+        statuses=statuses(status or []),
         definition=definition,
         after=_after(cursor) if cursor else None,
         limit=limit + 1,
@@ -174,7 +159,7 @@ async def list_instances(
     return InstancePage(items=items, next_cursor=next_cursor)
 
 
-def _not_found(instance_id: UUID) -> ApiError:
+def not_found(instance_id: UUID) -> ApiError:
     return ApiError(404, f"instance {instance_id} does not exist", kind="not-found")
 
 
@@ -183,24 +168,47 @@ async def get_instance(instance_id: IdParam, pool: Db, lost_after_s: LostAfter) 
     """The instance with its inputs, outputs and activities; for a flagged activity, the
     server that held the attempt as the registry shows it now (`flag.holder`); and its cancel,
     with what it still waits for (`cancel.waiting_for`) while the instance is CANCELLING."""
-    row = await store.detail(pool, instance_id)
-    if row is None:
-        raise _not_found(instance_id)
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        row = await store.detail(conn, instance_id)
+        if row is None:
+            raise not_found(instance_id)
+        page = await store.activity_page(conn, instance_id, limit=MAX_EMBEDDED_ACTIVITIES + 1)
+        total = len(page)
+        if total > MAX_EMBEDDED_ACTIVITIES:
+            total = await store.activity_count(conn, instance_id)
+        status = InstanceStatus(row["status"])
+        outputs = (
+            await store.outputs(conn, instance_id) if status is InstanceStatus.COMPLETED else None
+        )
+        running = (
+            await store.open_activities(conn, instance_id)
+            if status is InstanceStatus.CANCELLING
+            else {}
+        )
     state: dict[str, Any] = row["state"] or {}
-    activities: dict[str, Any] = state.get("activities") or {}
+    shown = page[:MAX_EMBEDDED_ACTIVITIES]
+    activities: dict[str, Any] = {r["step"]: r["state"] for r in shown}
     servers = await holders.lookup(
         pool,
         (a.get("flag") for a in activities.values() if isinstance(a, dict)),
         lost_after_s=lost_after_s,
     )
     fields = {k: row[k] for k in InstanceSummary.model_fields}
+    unordered = any(r["position"] == store.UNPLACED for r in shown)
     return InstanceDetail(
         **fields,
         inputs=state.get("inputs") or {},
-        outputs=state.get("outputs"),
+        outputs=outputs,
         error=state.get("error"),
-        activities=activity_views(instance_id, activities, row["definition_body"], servers),
-        cancel=_cancel_view(row, state, activities),
+        activities=activity_views(
+            instance_id,
+            activities,
+            row["definition_body"] if unordered else None,
+            servers,
+        ),
+        activity_count=total,
+        activities_truncated=total > len(shown),
+        cancel=_cancel_view(row, state, running),
     )
 
 
@@ -218,20 +226,11 @@ def _cancel_view(row: Any, state: dict[str, Any], activities: dict[str, Any]) ->
     else:
         return None
     status = InstanceStatus(row["status"])
-    waiting = [
-        WaitingActivity(
-            step=step,
-            attempt=int(a.get("attempt") or 0),
-            server=a.get("claimed_by") or a.get("server_id"),
-        )
-        for step, a in sorted(activities.items())
-        if isinstance(a, dict) and a.get("status") == ActivityStatus.RUNNING
-    ]
     try:
         return CancelView(
             **first,
             recorded=status is InstanceStatus.CANCELLING or status is InstanceStatus.CANCELLED,
-            waiting_for=waiting if status is InstanceStatus.CANCELLING else [],
+            waiting_for=cancelling.waiting_for(status, activities),
         )
     except ValidationError:
         log.warning("instance %s: a cancel record that does not fit: %r", row["id"], first)
@@ -246,16 +245,15 @@ def _cancel_view(row: Any, state: dict[str, Any], activities: dict[str, Any]) ->
 )
 async def cancel_instance(
     instance_id: IdParam,
-    subject: Authorized,
+    principal: Authorized,
     pool: Db,
     publisher: Broker,
     connection: BrokerConnection,
     body: Annotated[CancelRequestBody | None, Body()] = None,
-    operator: Operator = None,
 ) -> CancelAccepted:
     """Cancel the instance: nothing of it starts after this answer, and what of it runs is
-    told to stop. The request is recorded with who asked (`X-Paceline-Operator`, else the
-    token's holder) and the optional `reason`, and sent to the scheduler and, as a broadcast,
+    told to stop. The request is recorded with who asked (the principal whose token it
+    carries) and the optional `reason`, and sent to the scheduler and, as a broadcast,
     to every worker. The answer waits a few seconds for the scheduler to record it: the status
     is then CANCELLING (it waits for the running activities to stop; `GET` shows them in
     `cancel.waiting_for`) or CANCELLED.
@@ -269,7 +267,7 @@ async def cancel_instance(
         publisher,
         connection,
         instance_id,
-        by=operator or subject,
+        by=principal,
         reason=body.reason if body is not None else None,
     )
 
@@ -284,17 +282,17 @@ async def resolve_activity(
     instance_id: IdParam,
     step: StepParam,
     body: ResolveRequest,
-    subject: Authorized,
+    principal: Authorized,
     pool: Db,
     publisher: Broker,
     connection: BrokerConnection,
     lost_after_s: LostAfter,
-    operator: Operator = None,
 ) -> ResolveAccepted:
     """Decide on a flagged (INTERRUPTED) activity whose outcome is unknown: `retry` runs it
     again, `skip` marks it done with `output` (`{}` when omitted), `fail` fails the instance.
-    The decision is recorded, once per flagged attempt, and the scheduler applies it and
-    records it in the history.
+    The decision is recorded with who decided (the principal whose token the request
+    carries), once per flagged attempt, and the scheduler applies it and records it in the
+    history.
 
     404 for an unknown instance or a step that is not one of its activities. 409 when the
     activity is not flagged, the instance has ended or is being cancelled; `already-resolved`
@@ -310,7 +308,7 @@ async def resolve_activity(
         instance_id,
         step,
         body,
-        by=operator or subject,
+        by=principal,
         lost_after_s=lost_after_s,
     )
 
@@ -322,5 +320,5 @@ async def get_instance_history(instance_id: IdParam, pool: Db) -> InstanceHistor
     """Every recorded event of the instance, oldest first, each with its reason."""
     rows = await store.history(pool, instance_id)
     if rows is None:
-        raise _not_found(instance_id)
+        raise not_found(instance_id)
     return InstanceHistory(items=[HistoryEvent(**dict(r)) for r in rows])

@@ -57,9 +57,10 @@ async def resolve_target(pool: asyncpg.Pool, instance_id: UUID, step: str) -> as
     when there is no such instance."""
     row: asyncpg.Record | None = await pool.fetchrow(
         """
-        SELECT i.status, i.traceparent, i.state->'activities'->($2::text) AS activity,
+        SELECT i.status, i.traceparent, a.state AS activity,
                c.by AS cancel_by, c.requested_at AS cancel_requested_at
         FROM instances i LEFT JOIN cancel_requests c ON c.instance_id = i.id
+        LEFT JOIN activities a ON a.instance_id = i.id AND a.step = $2
         WHERE i.id = $1
         """,
         instance_id,

@@ -158,6 +158,7 @@ async def resolve_activity(
         output=output,
         by=by,
         attempt=attempt,
+        forced=body.force,
     )
     traceparent = target["traceparent"]
     # In the instance's own trace, so that the operator's decision shows up in it.

@@ -19,7 +19,7 @@ from uuid import UUID
 import aio_pika
 from aio_pika.abc import AbstractExchange
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, PublishError
-from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, Field, ValidationError
 
 from paceline_admin import server_store as store
@@ -50,16 +50,6 @@ StatusFilter = Annotated[
     Query(
         description="Only these statuses (`ACTIVE`, `DRAINING`, `DRAINED`, `LOST`): repeat the "
         "parameter or separate them with commas."
-    ),
-]
-Operator = Annotated[
-    str | None,
-    Header(
-        alias="X-Paceline-Operator",
-        max_length=200,
-        pattern=r"^[^\x00-\x1f\x7f]+$",
-        description="Who asks for the drain (a person or service), sent to the server as `by` "
-        "and logged there; `admin-token` when omitted.",
     ),
 ]
 
@@ -201,14 +191,14 @@ async def list_servers(
 async def drain_server(
     server_id: ServerIdParam,
     request: Request,
-    subject: Authorized,
+    principal: Authorized,
     pool: Db,
     control: Control,
-    operator: Operator = None,
 ) -> DrainAccepted:
     """Friendly shutdown of one server: it stops taking new work, lets what it runs finish
     (`in_flight` shows what it waits for), reports DRAINED and exits. Draining this admin
-    process itself is allowed: it answers first, then stops.
+    process itself is allowed: it answers first, then stops. Who asked (the principal whose
+    token the request carries) is sent to the server as `by` and logged there.
 
     404 for a server not in the registry; 409 when it is DRAINED or LOST, or not connected to
     the broker (no control queue took the drain); 503 when the broker cannot take the drain
@@ -224,7 +214,7 @@ async def drain_server(
             + (" (remove it with DELETE)" if status is ServerStatus.LOST else ""),
             kind="server-gone",
         )
-    command = DrainServer(server_id=server_id, by=operator or subject)
+    command = DrainServer(server_id=server_id, by=principal)
     with tracer().start_as_current_span(
         "drain server", attributes={"paceline.server_id": server_id, "paceline.by": command.by}
     ):
@@ -269,13 +259,15 @@ async def _send(control: AbstractExchange, command: DrainServer) -> None:
     status_code=204,
     responses={204: {"description": "Removed from the registry."}, **problem_responses(404, 409)},
 )
-async def remove_server(server_id: ServerIdParam, request: Request, pool: Db) -> Response:
+async def remove_server(
+    server_id: ServerIdParam, request: Request, principal: Authorized, pool: Db
+) -> Response:
     """Remove a server that is gone (DRAINED or LOST) from the registry. An ACTIVE or DRAINING
     server is refused with 409: drain it first. A removed server that was only cut off
     reappears with its next heartbeat."""
     lost_after_s = _lost_after_s(request)
     if await store.remove_if_gone(pool, server_id, lost_after_s=lost_after_s):
-        log.info("removed server %s from the registry", server_id)
+        log.info("removed server %s from the registry (asked by %s)", server_id, principal)
         return Response(status_code=204)
     row = await store.one(pool, server_id, lost_after_s=lost_after_s)
     if row is None:

@@ -131,7 +131,7 @@ async def start_instance(
         command = OutboxMessage.of(
             Queue.COMMANDS, StartInstance(instance_id=instance_id), headers=headers
         )
-        state = InstanceState(inputs=resolved).model_dump(mode="json")
+        state = InstanceState(inputs=resolved).document()
         async with pool.acquire() as conn, conn.transaction():
             inserted = await instance_store.insert_pending(
                 conn,

@@ -23,8 +23,14 @@ def run() -> None:
 @app.command()
 def migrate() -> None:
     """Create the process database if needed and apply its migrations."""
+    from paceline_scheduler.upgrade import carry_over_instances
+
     url = SchedulerSettings().database_url
-    typer.echo(lifecycle.migrate_command(url, "paceline_scheduler", "process database"))
+    typer.echo(
+        lifecycle.migrate_command(
+            url, "paceline_scheduler", "process database", after=carry_over_instances
+        )
+    )
 
 
 @app.command()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -24,6 +24,7 @@ from paceline_contracts.queues import Queue
 from paceline_engine import machine
 from paceline_engine.definitions import Definition
 from paceline_engine.events import AnswerClaim, HistoryEntry, Policy
+from paceline_engine.state import NotLoaded
 from paceline_infra import db, outbox, telemetry
 from paceline_infra.amqp import Publisher, invalid_reason
 from paceline_infra.batching import Delivery
@@ -31,6 +32,9 @@ from paceline_scheduler import store
 from paceline_scheduler.translate import Incoming, instance_changed, to_event, to_outbox
 
 log = logging.getLogger(__name__)
+
+_MAX_LOADS = 8
+"""Reads one event may ask for (each answers everything the engine asked): more is a bug."""
 
 _PARSERS: dict[Queue, TypeAdapter[Any]] = {
     Queue.COMMANDS: COMMAND,
@@ -50,6 +54,8 @@ class _Outcome:
     """What one batch produced, to be written in its transaction and sent after it."""
 
     saved: list[store.InstanceRow] = field(default_factory=list)
+    changed: dict[UUID, set[str]] = field(default_factory=dict)
+    """Activities changed, by instance: the rows to write."""
     history: list[tuple[UUID, datetime, HistoryEntry]] = field(default_factory=list)
     messages: list[outbox.OutboxMessage] = field(default_factory=list)
     replies: list[tuple[_Parsed, ClaimReply]] = field(default_factory=list)
@@ -133,20 +139,31 @@ class Processor:
             definitions = await self._definitions.get_many(
                 conn, {(r.definition, r.version) for r in rows.values()}
             )
-            now = datetime.now(UTC)
+            # The activities the messages name, for every instance in one read; the engine
+            # asks for anything else it needs (NotLoaded).
+            named: dict[UUID, set[str]] = defaultdict(set)
+            for p in parsed:
+                if (step := getattr(p.message, "step", None)) is not None:
+                    named[p.message.instance_id].add(step)
+            await store.load_steps(conn, rows, named)
+            # The database's clock, not this host's: every scheduler (and the outbox relay that
+            # fires timers) then agrees on what time it is.
+            now: datetime = await conn.fetchval("SELECT clock_timestamp()")
             for instance_id, items in by_instance.items():
                 row = rows.get(instance_id)
                 if row is None:
                     outcome.unknown.extend(items)
                     continue
-                self._apply(row, definitions[(row.definition, row.version)], items, now, outcome)
-            await store.save_states(conn, outcome.saved)
+                definition = definitions[(row.definition, row.version)]
+                await self._apply(conn, row, definition, items, now, outcome)
+            await store.save_states(conn, outcome.saved, outcome.changed, definitions)
             await store.append_history(conn, outcome.history)
             await outbox.stage(conn, outcome.messages)
         return outcome
 
-    def _apply(
+    async def _apply(
         self,
+        conn: asyncpg.Connection,
         row: store.InstanceRow,
         definition: Definition,
         items: list[_Parsed],
@@ -169,9 +186,18 @@ class Processor:
             changed: set[str] = set()
             any_change = False
             for p in items:
-                transition = machine.apply(
-                    definition, state, to_event(p.message), now, self._policy
-                )
+                event = to_event(p.message)
+                for _ in range(_MAX_LOADS):
+                    try:
+                        transition = machine.apply(definition, state, event, now, self._policy)
+                        break
+                    except NotLoaded as need:
+                        # `state` is what the earlier events of the batch made it: loading
+                        # adds only activities it does not hold.
+                        row.state = state
+                        await store.load_needed(conn, row, need)
+                else:
+                    raise RuntimeError(f"the engine kept asking for more to apply {event!r}")
                 state = transition.state
                 changed |= transition.changed_steps
                 any_change = any_change or transition.changed
@@ -201,6 +227,7 @@ class Processor:
             state.seq += 1
             row.state = state
             outcome.saved.append(row)
+            outcome.changed[row.id] = changed
             headers = telemetry.inject()
             outcome.messages.extend(
                 m for d in decisions if (m := to_outbox(row, d, headers, now)) is not None

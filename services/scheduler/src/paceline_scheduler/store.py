@@ -1,4 +1,9 @@
-"""The scheduler's reads and writes of the process database. Every statement is parameterised."""
+"""The scheduler's reads and writes of the process database. Every statement is parameterised.
+
+An instance is a small document in `instances.state` plus one row per activity in
+`activities`: a transition locks the instance row, reads the activities it names (the engine
+asks for more with `NotLoaded`), and writes back the document and the activities it changed.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ import asyncpg
 
 from paceline_engine.definitions import Definition, parse_definition
 from paceline_engine.events import HistoryEntry
-from paceline_engine.state import InstanceState
+from paceline_engine.layout import layout_of
+from paceline_engine.state import ActivityState, InstanceState, NotLoaded
 
 
 @dataclass(slots=True)
@@ -41,7 +47,7 @@ async def lock_instances(conn: asyncpg.Connection, ids: Sequence[UUID]) -> dict[
             r["id"],
             r["definition"],
             r["version"],
-            InstanceState.model_validate(r["state"]),
+            InstanceState.partial(r["state"]),
             r["traceparent"],
             r["started_by"],
             r["started_how"],
@@ -78,7 +84,61 @@ class DefinitionCache:
         return {k: self._cache[k] for k in keys}
 
 
-async def save_states(conn: asyncpg.Connection, rows: Sequence[InstanceRow]) -> None:
+_FINAL = "('COMPLETED', 'FAILED', 'TIMED_OUT', 'CANCELLED', 'SKIPPED')"
+"""Final activity statuses, spelt as the `activities_open` index's predicate spells them."""
+
+
+async def load_steps(
+    conn: asyncpg.Connection, rows: dict[UUID, InstanceRow], wanted: dict[UUID, set[str]]
+) -> None:
+    """Add the named activities of each instance to its state (those it does not hold yet)."""
+    pairs = [
+        (instance_id, step)
+        for instance_id, steps in wanted.items()
+        if instance_id in rows
+        for step in steps
+        if step not in rows[instance_id].state.activities
+    ]
+    if not pairs:
+        return
+    found = await conn.fetch(
+        """
+        SELECT a.instance_id, a.step, a.state FROM activities a
+        JOIN unnest($1::uuid[], $2::text[]) AS w(instance_id, step)
+          ON a.instance_id = w.instance_id AND a.step = w.step
+        """,
+        [p[0] for p in pairs],
+        [p[1] for p in pairs],
+    )
+    by_instance: dict[UUID, dict[str, ActivityState]] = {i: {} for i, _ in pairs}
+    for r in found:
+        by_instance[r["instance_id"]][r["step"]] = ActivityState.model_validate(r["state"])
+    for instance_id, loaded in by_instance.items():
+        asked = {step for i, step in pairs if i == instance_id}
+        rows[instance_id].state.add_loaded(loaded, asked)
+
+
+async def load_needed(conn: asyncpg.Connection, row: InstanceRow, need: NotLoaded) -> None:
+    """Load what the engine said it needs to apply an event to `row`."""
+    if need.steps:
+        await load_steps(conn, {row.id: row}, {row.id: set(need.steps)})
+    if need.open or need.every:
+        where = "" if need.every else f"AND status NOT IN {_FINAL}"
+        found = await conn.fetch(
+            f"SELECT step, state FROM activities WHERE instance_id = $1 {where}",  # noqa: S608 - constants only
+            row.id,
+        )
+        loaded = {r["step"]: ActivityState.model_validate(r["state"]) for r in found}
+        row.state.add_loaded(loaded, open=need.open, every=need.every)
+
+
+async def save_states(
+    conn: asyncpg.Connection,
+    rows: Sequence[InstanceRow],
+    changed: dict[UUID, set[str]],
+    definitions: dict[tuple[str, int], Definition],
+) -> None:
+    """Write each instance's document, and the activities its transitions changed."""
     if not rows:
         return
     await conn.execute(
@@ -89,7 +149,41 @@ async def save_states(conn: asyncpg.Connection, rows: Sequence[InstanceRow]) -> 
         """,
         [r.id for r in rows],
         [r.state.status.value for r in rows],
-        [r.state.model_dump_json() for r in rows],
+        [r.state.model_dump_json(exclude={"activities"}) for r in rows],
+    )
+    ids: list[UUID] = []
+    steps: list[str] = []
+    statuses: list[str] = []
+    positions: list[int] = []
+    states: list[str] = []
+    for r in rows:
+        layout = layout_of(definitions[(r.definition, r.version)])
+        for step in sorted(changed.get(r.id, ())):
+            activity = r.state.activities.get(step)
+            if activity is None:
+                continue  # dispatched and taken back in the same batch: never stored
+            ids.append(r.id)
+            steps.append(step)
+            statuses.append(activity.status.value)
+            positions.append(layout.position(step))
+            states.append(activity.model_dump_json())
+    if not ids:
+        return
+    await conn.execute(
+        """
+        INSERT INTO activities AS a (instance_id, step, status, position, state)
+        SELECT u.instance_id, u.step, u.status, u.position, u.state::jsonb
+        FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::text[])
+          AS u(instance_id, step, status, position, state)
+        ON CONFLICT (instance_id, step) DO UPDATE
+        SET status = excluded.status, position = excluded.position, state = excluded.state,
+            updated_at = now()
+        """,
+        ids,
+        steps,
+        statuses,
+        positions,
+        states,
     )
 
 

@@ -44,7 +44,12 @@ def to_event(message: Incoming) -> events.Event:
             return events.Cancel(message.reason, message.by)
         case ResolveActivity():
             return events.Resolve(
-                message.step, message.action, message.output, message.by, message.attempt
+                message.step,
+                message.action,
+                message.output,
+                message.by,
+                message.attempt,
+                message.forced,
             )
         case CheckDeadline():
             return events.DeadlineExpired(message.step, message.attempt)
