@@ -26,10 +26,13 @@ import asyncpg
 
 from paceline_contracts.queues import (
     Queue,
+    Stream,
+    control_exchange_name,
     dead_letter_exchange_name,
     dead_queue_name,
     exchange_name,
     queue_name,
+    stream_name,
 )
 
 AMQP_URL = os.environ.get("PACELINE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -311,9 +314,45 @@ async def _drop(env: StackEnv) -> None:
     connection = await aio_pika.connect(env.amqp_url)
     try:
         channel = await connection.channel()
-        for name in sorted(env.live_queues() | env.dead_queues()):
+        streams = {stream_name(env.namespace, s) for s in Stream}
+        for name in sorted(env.live_queues() | env.dead_queues() | streams):
             await channel.queue_delete(name)
-        for name in (exchange_name(env.namespace), dead_letter_exchange_name(env.namespace)):
+        for name in (
+            exchange_name(env.namespace),
+            dead_letter_exchange_name(env.namespace),
+            control_exchange_name(env.namespace),
+        ):
             await channel.exchange_delete(name)
     finally:
         await connection.close()
+
+
+async def read_stream(
+    amqp_url: str, namespace: str, stream: Stream, *, within_s: float = 10.0, quiet_s: float = 0.5
+) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """The messages on `stream` of `namespace`, read from its start as a consumer that starts
+    late does: until nothing more arrives for `quiet_s`, or `within_s` at the most."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=1000)  # a stream consumer needs a prefetch
+        queue = await channel.declare_queue(stream_name(namespace, stream), passive=True)
+        seen: list[aio_pika.abc.AbstractIncomingMessage] = []
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            seen.append(message)
+            await message.ack()
+
+        tag = await queue.consume(on_message, arguments={"x-stream-offset": "first"})
+        loop = asyncio.get_running_loop()
+        deadline, count, quiet_since = loop.time() + within_s, -1, loop.time()
+        while loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            if len(seen) != count:
+                count, quiet_since = len(seen), loop.time()
+            elif loop.time() - quiet_since > quiet_s:
+                break
+        await queue.cancel(tag)
+    finally:
+        await connection.close()
+    return seen

@@ -6,7 +6,6 @@ both are removed at the end. The app runs in-process with its lifespan, through 
 
 from __future__ import annotations
 
-import asyncio
 import importlib.resources
 import secrets
 from collections.abc import AsyncIterator
@@ -18,6 +17,7 @@ import pytest
 from admin_support import AUTH, HEARTBEAT_S, TOKEN, TOKENS, Broadcasts
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from fastapi import FastAPI
+from stack_env import read_stream
 
 from paceline_admin import cancelling
 from paceline_admin.app import create_app
@@ -168,31 +168,9 @@ def broadcasts(app: FastAPI, namespace: str) -> Broadcasts:
     start as a worker that starts late does (the stream keeps every test's broadcasts)."""
 
     async def read(instance_id: str) -> list[tuple[InstanceCancelled, AbstractIncomingMessage]]:
-        connection = await aio_pika.connect(AMQP_URL)
-        try:
-            channel = await connection.channel()
-            await channel.set_qos(prefetch_count=1000)  # a stream consumer needs a prefetch
-            stream = await channel.declare_queue(
-                stream_name(namespace, Stream.CANCELLATIONS), passive=True
-            )
-            seen: list[AbstractIncomingMessage] = []
-
-            async def on_message(message: AbstractIncomingMessage) -> None:
-                seen.append(message)
-                await message.ack()
-
-            tag = await stream.consume(on_message, arguments={"x-stream-offset": "first"})
-            loop = asyncio.get_running_loop()
-            deadline, count, quiet_since = loop.time() + 5.0, -1, loop.time()
-            while loop.time() < deadline:  # until nothing more arrives for a while
-                await asyncio.sleep(0.05)
-                if len(seen) != count:
-                    count, quiet_since = len(seen), loop.time()
-                elif loop.time() - quiet_since > 0.3:
-                    break
-            await stream.cancel(tag)
-        finally:
-            await connection.close()
+        seen = await read_stream(
+            AMQP_URL, namespace, Stream.CANCELLATIONS, within_s=5.0, quiet_s=0.3
+        )
         parsed = [(CANCELLATION.validate_json(m.body), m) for m in seen]
         return [(c, m) for c, m in parsed if str(c.instance_id) == instance_id]
 

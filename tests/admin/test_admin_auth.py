@@ -10,6 +10,7 @@ from admin_support import TOKEN, assert_problem
 from fastapi import FastAPI
 
 SOME_ID = uuid.UUID("24d306c7-ae0c-49c3-ab61-235e0c4901ef")  # fixed: test ids must not vary
+SOME_APPROVAL = uuid.UUID("9b1c6f0e-3d2a-4e57-8f41-0c5d7a2b6e93")
 V1_ROUTES = [
     ("POST", "/v1/definitions"),
     ("GET", "/v1/definitions"),
@@ -22,6 +23,11 @@ V1_ROUTES = [
     ("GET", f"/v1/instances/{SOME_ID}/history"),
     ("GET", f"/v1/instances/{SOME_ID}/activities"),
     ("POST", f"/v1/instances/{SOME_ID}/activities/some-step/resolve"),
+    ("POST", f"/v1/instances/{SOME_ID}/signals/some-name"),
+    ("GET", f"/v1/instances/{SOME_ID}/signals"),
+    ("GET", "/v1/approvals"),
+    ("GET", f"/v1/approvals/{SOME_APPROVAL}"),
+    ("POST", f"/v1/approvals/{SOME_APPROVAL}/decision"),
     ("GET", "/v1/flags"),
     ("GET", "/v1/servers"),
     ("POST", "/v1/servers/some-server/drain"),
@@ -51,6 +57,7 @@ def test_the_route_table_covers_every_v1_route(app: FastAPI) -> None:
             path.replace("some-name", "{name}")
             .replace("/versions/1", "/versions/{version}")
             .replace(str(SOME_ID), "{instance_id}")
+            .replace(str(SOME_APPROVAL), "{approval_id}")
             .replace("some-step", "{step}")
             .replace("some-server", "{server_id}"),
         )

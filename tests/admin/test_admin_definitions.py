@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import asyncpg
 import httpx
+import orjson
+import pytest
 import yaml
 from admin_support import SIMPLE, assert_problem, create_definition, unique
+
+from paceline_admin import definitions as definition_routes
+from paceline_admin.settings import MAX_BODY_BYTES
+from paceline_engine.definitions import (
+    MAX_BRANCHES,
+    MAX_EXPRESSION_LENGTH,
+    MAX_NESTING_DEPTH,
+    MAX_STEPS,
+)
 
 YAML_DEFINITION = """
 name: {name}
@@ -179,3 +191,138 @@ async def test_unknown_definitions_and_versions_are_404(client: httpx.AsyncClien
     assert_problem(await client.get(f"/v1/definitions/{name}/versions/99999999999"), 422)
     assert_problem(await client.get("/v1/definitions", params={"cursor": "garbage!"}), 422)
     assert_problem(await client.get("/v1/definitions", params={"limit": 501}), 422)
+
+
+# --- limits (README, "Process definitions", Limits) ------------------------------------------
+
+
+def noop(step_id: str, **params: Any) -> dict[str, Any]:
+    return {"id": step_id, "type": "noop", "with": params}
+
+
+def wide(branches: int) -> dict[str, Any]:
+    return {"id": "wide", "parallel": [[noop(f"b{i}")] for i in range(branches)]}
+
+
+def nested(depth: int) -> dict[str, Any]:
+    """A noop inside `depth` parallel steps: the deepest JSON a nesting level takes."""
+    step = noop("leaf", x={"y": 1})
+    for level in reversed(range(depth)):
+        step = {"id": f"n{level}", "parallel": [[step]]}
+    return step
+
+
+def condition(length: int) -> dict[str, Any]:
+    """A condition whose `if` has `length` characters, then one activity (2 steps)."""
+    expression = "inputs.x == '" + "a" * (length - 14) + "'"
+    return {"id": "cond", "if": expression, "then": [noop("then1")]}
+
+
+def at_the_limits(name: str, over: int = 0) -> dict[str, Any]:
+    """MAX_STEPS steps (over: more of each), with a parallel step of MAX_BRANCHES branches, a
+    step nested MAX_NESTING_DEPTH deep and expressions of MAX_EXPRESSION_LENGTH characters."""
+    special = [
+        wide(MAX_BRANCHES + over),
+        nested(MAX_NESTING_DEPTH + over),
+        condition(MAX_EXPRESSION_LENGTH + over),
+    ]
+    count = (MAX_BRANCHES + over + 1) + (MAX_NESTING_DEPTH + over + 1) + 2
+    filler = [noop(f"s{i}") for i in range(MAX_STEPS - count - 1 + over)]
+    reads = "${inputs.x + '" + "a" * (MAX_EXPRESSION_LENGTH + over - 13) + "'}"
+    last = noop("last", x=reads)
+    return {"name": name, "inputs": {"x": {"type": "string"}}, "steps": [*special, *filler, last]}
+
+
+async def test_a_definition_at_every_limit_is_accepted(client: httpx.AsyncClient) -> None:
+    definition = at_the_limits(unique("limits"))
+    body = orjson.dumps(definition)
+    assert len(body) < MAX_BODY_BYTES  # the limits fit in a request
+    response = await client.post(
+        "/v1/definitions", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 201, response.text[:2000]
+    created = response.json()
+    assert created["definition"] == definition
+    stored = await client.get(f"/v1/definitions/{definition['name']}/versions/1")
+    assert stored.json() == created  # the same answer, created_at written the same way
+
+
+@pytest.mark.parametrize(
+    ("definition", "path", "limit", "actual"),
+    [
+        ({"steps": [noop(f"s{i}") for i in range(MAX_STEPS + 1)]}, "steps", "10000", "10001"),
+        ({"steps": [noop("a"), wide(MAX_BRANCHES + 1)]}, "steps[1].parallel", "1000", "1001"),
+        ({"steps": [nested(MAX_NESTING_DEPTH + 1)]}, "steps[0].", "16", "17"),
+        ({"steps": [condition(1_234)]}, "steps[0].if", "1000", "1234"),
+        (
+            {"steps": [noop("a", x={"y": ["${" + "1 + " * 300 + "1}"]})]},
+            "steps[0].with.x.y[0]",
+            "1000",
+            "1201",
+        ),
+    ],
+    ids=["steps", "branches", "nesting", "if", "with"],
+)
+async def test_a_definition_over_a_limit_is_refused_naming_it(
+    client: httpx.AsyncClient, definition: dict[str, Any], path: str, limit: str, actual: str
+) -> None:
+    document = {"name": unique("over"), "inputs": {"x": {"type": "string"}}, **definition}
+    problem = assert_problem(await client.post("/v1/definitions", json=document), 422)
+    assert problem["type"].endswith("invalid-definition")
+    (error,) = problem["errors"]
+    assert error["path"].startswith(path)
+    assert f"{actual} " in error["message"]
+    assert f"limit is {limit} " in error["message"] or f"depth of {limit}" in error["message"]
+    assert error["message"] in problem["detail"]
+
+
+async def test_every_limit_exceeded_is_listed_with_the_other_problems(
+    client: httpx.AsyncClient,
+) -> None:
+    definition = at_the_limits(unique("over"), over=1)
+    definition["steps"].append({"id": "odd", "type": "telepathy"})
+    problem = assert_problem(await client.post("/v1/definitions", json=definition), 422)
+    errors = {e["path"]: e["message"] for e in problem["errors"]}
+    assert len(errors) == 6, errors
+    assert "10002 steps" in errors["steps"]  # one more than the limit, and the odd one
+    assert "1001 branches" in errors["steps[0].parallel"]
+    assert "1001 characters" in errors["steps[2].if"]
+    assert "1001 characters" in errors[f"steps[{len(definition['steps']) - 2}].with.x"]
+    assert "unknown activity type" in errors[f"steps[{len(definition['steps']) - 1}].type"]
+    assert any("nested 17 deep" in message for message in errors.values())
+    assert problem["detail"].startswith("6 problems in the definition")
+
+
+async def test_healthz_answers_while_a_large_definition_is_validated(
+    client: httpx.AsyncClient, anon: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ordering, not timing: validation (real work, on a definition of 2,000 steps) goes on,
+    round after round, until /healthz has answered. Were it run on the event loop, /healthz
+    could not answer until the rounds ran out (at 200), after the create."""
+    validate = definition_routes.validate
+    started, answered = threading.Event(), threading.Event()
+    rounds = 0
+
+    def busy(raw: Any) -> Any:
+        nonlocal rounds
+        started.set()
+        while True:
+            result = validate(raw)
+            rounds += 1
+            if answered.is_set() or rounds >= 200:
+                return result
+
+    monkeypatch.setattr(definition_routes, "validate", busy)
+    steps = [noop("s0")] + [noop(f"s{i}", x=f"${{steps.s{i - 1}.output}}") for i in range(1, 2000)]
+    create = asyncio.create_task(
+        client.post("/v1/definitions", json={"name": unique("busy"), "steps": steps})
+    )
+    while not started.is_set():
+        await asyncio.sleep(0.001)
+    health = await anon.get("/healthz")
+    validating = not create.done()
+    answered.set()
+    assert health.status_code == 200
+    assert validating, f"the create ended first, after {rounds} validations"
+    assert (await create).status_code == 201
+    assert rounds < 200

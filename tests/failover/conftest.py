@@ -304,11 +304,18 @@ async def assert_work_queues_empty(stack: Stack) -> None:
     namespace = stack.env["PACELINE_NAMESPACE"]
     live = {queue_name(namespace, q) for q in Queue}
 
+    seen: dict[str, int] = {}
+
     async def empty() -> dict[str, int] | None:
         depths = await queue_depths(namespace)
-        return depths if live <= depths.keys() and not any(depths[q] for q in live) else None
+        seen.clear()
+        seen.update({q: n for q, n in depths.items() if q in live and n})
+        return depths if live <= depths.keys() and not seen else None
 
-    await wait_for(empty, 30, "every work queue to be empty", interval=1.0)
+    try:
+        await wait_for(empty, 30, "every work queue to be empty", interval=1.0)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; still queued: {seen}") from exc
 
 
 async def revive_until(stack: Stack, done: asyncio.Event) -> None:

@@ -130,6 +130,11 @@ def _old_activity(
     ).model_dump(mode="json")
 
 
+def _migration_versions() -> list[str]:
+    source = files("paceline_scheduler") / "migrations"
+    return [f.name[:4] for f in source.iterdir() if f.name.endswith(".sql")]
+
+
 async def _build_pre_upgrade_database(env: StackEnv, tmp_path: Path) -> None:
     migrations = tmp_path / "migrations-0001-0004"
     migrations.mkdir()
@@ -333,7 +338,9 @@ async def test_instance_started_before_the_upgrade_finishes_after_it(
     conn = await asyncpg.connect(env.database_url)
     try:
         applied = await conn.fetch("SELECT name FROM schema_migrations ORDER BY version")
-        assert [r["name"][:4] for r in applied] == [*PRE_UPGRADE, "0005"]
+        versions = [r["name"][:4] for r in applied]
+        assert versions[: len(PRE_UPGRADE) + 1] == [*PRE_UPGRADE, "0005"]
+        assert versions == sorted(_migration_versions()), "every migration applied, in order"
         rows = await conn.fetch(
             "SELECT step, status, state::text AS state FROM activities WHERE instance_id = $1",
             instance_id,

@@ -925,3 +925,27 @@ async def test_bad_kill_grace(http: httpx.AsyncClient) -> None:
     err = await failure("shell.command", {"argv": ["true"], "kill_grace": -1}, http)
     assert err.kind == "bad_params"
     assert "kill_grace:" in err.message
+
+
+async def test_a_cancellation_while_the_program_starts_stops_its_group_with_grace(
+    tmp_path: Path, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a busy worker the event loop sets up a program's pipes after the program runs: a
+    # cancellation then lands inside the start. It must stop the group as any cancellation
+    # does (SIGTERM, its grace), not leave it running nor SIGKILL the program alone.
+    real = asyncio.create_subprocess_exec
+
+    async def slow_start(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        proc = await real(*args, **kwargs)
+        await asyncio.sleep(1.0)
+        return proc
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", slow_start)
+    pidfile, marker = tmp_path / "pids", tmp_path / "marker"
+    task, shell_pid, sleep_pid = await started_in_a_task(
+        trapping_script(pidfile, marker), pidfile, http, kill_grace=30
+    )
+    await cancel_and_wait(task)  # still inside the slow start
+    assert marker.read_text() == "cleaned up\n"
+    assert await gone(shell_pid)
+    assert await gone(sleep_pid)

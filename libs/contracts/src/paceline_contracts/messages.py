@@ -87,8 +87,60 @@ class CheckDeadline(Message):
     attempt: int
 
 
+class FireTimer(Message):
+    """A `wait` step's timer the scheduler set for itself: it is due (a held-back message)."""
+
+    type: Literal["wait.due"] = "wait.due"
+    v: Literal[1] = 1
+    instance_id: UUID
+    step: str
+    attempt: int
+    due_at: datetime
+    """When it was due, the database's time."""
+    purpose: str = "due"
+    """`due` (a wait), `timeout` or `escalate:<level>` (an approval)."""
+
+
+class DecideApproval(Message):
+    """A decider's choice on an approval, recorded by the admin API (which checked that the
+    caller may decide), for the scheduler to apply."""
+
+    type: Literal["approval.decide"] = "approval.decide"
+    v: Literal[1] = 1
+    instance_id: UUID
+    approval_id: UUID
+    step: str
+    attempt: int
+    by: str
+    decision: str
+    comment: str | None = None
+    decided_at: datetime
+
+
+class DeliverSignal(Message):
+    """A signal the admin API recorded (a `signals` row, status BUFFERED), for the scheduler
+    to deliver to a wait, keep buffered, or keep as late."""
+
+    type: Literal["signal.deliver"] = "signal.deliver"
+    v: Literal[1] = 1
+    instance_id: UUID
+    signal_id: UUID
+    name: str
+    payload: dict[str, Any]
+    by: str
+    """The principal who sent it."""
+    received_at: datetime
+
+
 Command = Annotated[
-    StartInstance | CancelInstance | ResolveActivity | CheckDeadline, Field(discriminator="type")
+    StartInstance
+    | CancelInstance
+    | ResolveActivity
+    | CheckDeadline
+    | FireTimer
+    | DeliverSignal
+    | DecideApproval,
+    Field(discriminator="type"),
 ]
 COMMAND = TypeAdapter[Command](Command)
 
@@ -277,6 +329,25 @@ class InstanceCancelled(Message):
 
 
 CANCELLATION = TypeAdapter[InstanceCancelled](InstanceCancelled)
+
+
+class ApprovalRequested(Message):
+    """An approval was asked for (the `approvals` stream): whoever notifies people reads it.
+    A failover may announce one approval more than once; it never creates a second."""
+
+    type: Literal["approval.requested"] = "approval.requested"
+    v: Literal[1] = 1
+    approval_id: UUID
+    instance_id: UUID
+    definition: str
+    step: str
+    attempt: int
+    title: str
+    approvers: list[str]
+    required: int
+    choices: list[str]
+    due_at: datetime | None
+    requested_at: datetime
 
 
 # --- servers: heartbeats (every server -> scheduler) and control (admin -> one server) ---------

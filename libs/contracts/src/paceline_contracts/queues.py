@@ -28,6 +28,9 @@ class Stream(StrEnum):
 
     CANCELLATIONS = "cancellations"
     """Cancel requests, read by every worker; a worker that starts later replays them."""
+    APPROVALS = "approvals"
+    """`approval.requested` announcements, for anyone who notifies people (chat, mail):
+    read it from where you like; Paceline itself does not consume it."""
 
 
 Destination = Queue | Stream

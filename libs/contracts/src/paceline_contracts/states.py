@@ -27,6 +27,8 @@ _FINAL_INSTANCE = frozenset(
 class ActivityStatus(StrEnum):
     SCHEDULED = "SCHEDULED"
     RUNNING = "RUNNING"
+    WAITING = "WAITING"
+    """A `wait` step: for a time, or a signal (the scheduler alone handles it)."""
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     TIMED_OUT = "TIMED_OUT"

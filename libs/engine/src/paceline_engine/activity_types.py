@@ -25,6 +25,53 @@ class SleepParams(Params):
     """How long to wait; cancellable."""
 
 
+def _duration(value: object) -> object:
+    # Imported here: definitions.py imports this module.
+    from paceline_engine.definitions import parse_duration
+
+    return value if value is None else parse_duration(value)
+
+
+class Escalation(Params):
+    after: float
+    """Seconds (or a duration string) after the approval was asked for."""
+    to: list[str] = Field(min_length=1)
+    """More approvers: principals, or `group:<name>`."""
+
+    _after = field_validator("after", mode="before")(_duration)
+
+
+class ApprovalParams(Params):
+    """`approval`: a person decides; the scheduler runs it (no worker). The approval is
+    checkpointed: created once per attempt, whatever fails over (approvals.py)."""
+
+    title: str = Field(min_length=1, max_length=500)
+    details: Any = None
+    """Shown to the approvers as given (rendered)."""
+    approvers: list[str] = Field(min_length=1)
+    """Who may decide: principals, or `group:<name>` (PACELINE_GROUPS)."""
+    required: int = Field(default=1, ge=1, le=100)
+    """Distinct deciders who must choose the first choice for it to be chosen."""
+    forbid_requester: bool = True
+    """The principal who started the instance may not decide."""
+    choices: list[str] = Field(default_factory=lambda: ["approve", "reject"], min_length=2)
+    """The first one approves and needs `required` deciders; any other decides at once."""
+    timeout: float | None = None
+    """Seconds (or a duration string); None: it waits for ever."""
+    on_timeout: Literal["reject", "approve", "fail"] = "reject"
+    """At the timeout: decide `reject` (the last choice), `approve` (the first), or fail."""
+    escalate: list[Escalation] = Field(default_factory=list, max_length=10)
+
+    _timeout = field_validator("timeout", mode="before")(_duration)
+
+    @field_validator("choices")
+    @classmethod
+    def _distinct(cls, choices: list[str]) -> list[str]:
+        if len(set(choices)) != len(choices):
+            raise ValueError("choices must be distinct")
+        return choices
+
+
 IDEMPOTENT_HTTP_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -94,8 +141,13 @@ ACTIVITY_TYPES: Mapping[str, ActivityType] = {
         ActivityType("sleep", SleepParams, lambda _: True),
         ActivityType("http.request", HttpRequestParams, _http_default),
         ActivityType("shell.command", ShellCommandParams, lambda _: False),
+        # Checkpointed, not re-run: the approval record is created once per attempt.
+        ActivityType("approval", ApprovalParams, lambda _: True, override_allowed=False),
     )
 }
+
+SCHEDULER_TYPES = frozenset({"approval"})
+"""Activity types the scheduler runs itself: never sent to a worker."""
 
 
 def param_problems(activity_type: ActivityType, raw: Mapping[str, Any]) -> list[tuple[str, str]]:

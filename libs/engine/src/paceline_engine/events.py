@@ -119,6 +119,40 @@ class Cancel:
     by: str = "operator"
 
 
+@dataclass(frozen=True, slots=True)
+class WaitDue:
+    """A `wait` step's timer came due (its `for` or `until`, or a signal's `timeout`), or an
+    approval's (its `timeout`, or an escalation: `purpose` `escalate:<level>`)."""
+
+    step: str
+    attempt: int
+    due_at: datetime
+    purpose: str = "due"
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalDecided:
+    """A decider's choice, recorded by the admin API (it checked who may decide)."""
+
+    step: str
+    attempt: int
+    by: str
+    decision: str
+    comment: str | None
+    decided_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SignalArrived:
+    """A signal the admin API recorded for the instance (`POST .../signals/{name}`)."""
+
+    signal_id: str
+    name: str
+    payload: dict[str, Any]
+    by: str
+    received_at: datetime
+
+
 Event = (
     Start
     | ActivityCompleted
@@ -129,6 +163,9 @@ Event = (
     | DeadlineExpired
     | Resolve
     | Cancel
+    | WaitDue
+    | SignalArrived
+    | ApprovalDecided
 )
 
 # --- decisions ---------------------------------------------------------------------------------
@@ -183,7 +220,85 @@ class Finish:
     status: InstanceStatus
 
 
-Decision = Dispatch | AnswerClaim | SetDeadline | StopInstance | Finish
+@dataclass(frozen=True, slots=True)
+class SetTimer:
+    """Ask to be told (WaitDue) at `due_at`, the database's time."""
+
+    step: str
+    attempt: int
+    due_at: datetime
+    purpose: str = "due"
+
+
+@dataclass(frozen=True, slots=True)
+class CreateApproval:
+    """Record the approval of this attempt (once: a unique key) and announce it."""
+
+    step: str
+    attempt: int
+    title: str
+    details: Any
+    approvers: list[str]
+    required: int
+    forbid_requester: bool
+    choices: list[str]
+    due_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class EscalateApproval:
+    step: str
+    attempt: int
+    level: int
+    approvers: list[str]
+    """Everyone who may decide from now on."""
+
+
+@dataclass(frozen=True, slots=True)
+class CloseApproval:
+    """The approval ended: DECIDED (with `decision`), EXPIRED (its timeout decided or
+    failed it) or CANCELLED."""
+
+    step: str
+    attempt: int
+    status: str
+    decision: str | None
+    decided_by: list[str]
+
+
+class SignalFate(StrEnum):
+    """What became of a signal (the `signals` row's status)."""
+
+    DELIVERED = "DELIVERED"
+    """It ended a wait."""
+    BUFFERED = "BUFFERED"
+    """No wait takes it yet; the instance may still reach one."""
+    LATE = "LATE"
+    """No wait will take it: the ones for it ended (or the instance did), or it was refused."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordSignal:
+    """Write what became of a signal."""
+
+    signal_id: str
+    fate: SignalFate
+    step: str | None
+    reason: str
+
+
+Decision = (
+    Dispatch
+    | AnswerClaim
+    | SetDeadline
+    | StopInstance
+    | Finish
+    | SetTimer
+    | RecordSignal
+    | CreateApproval
+    | EscalateApproval
+    | CloseApproval
+)
 
 
 class HistoryKind(StrEnum):
@@ -203,6 +318,13 @@ class HistoryKind(StrEnum):
     INTERRUPTED = "activity_interrupted"
     CANCELLED = "activity_cancelled"
     BRANCH = "branch_taken"
+    WAITING = "waiting"
+    WAIT_ENDED = "wait_ended"
+    SIGNAL = "signal"
+    APPROVAL_REQUESTED = "approval_requested"
+    APPROVAL_ESCALATED = "approval_escalated"
+    APPROVAL_VOTE = "approval_vote"
+    APPROVAL_DECIDED = "approval_decided"
     LATE_RESULT = "late_result"
     IGNORED = "ignored"
     INSTANCE_COMPLETED = "instance_completed"

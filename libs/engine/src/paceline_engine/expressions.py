@@ -44,7 +44,9 @@ __all__ = [
     "ExpressionError",
     "Template",
     "TemplateError",
+    "compile_fields",
     "compile_template",
+    "expression_too_long",
     "parse",
 ]
 
@@ -348,7 +350,8 @@ def _tokenize(src: str, start: int, end: int) -> list[_Token]:
 
 
 class _Parser:
-    def __init__(self, src: str, start: int, end: int) -> None:
+    def __init__(self, src: str, start: int, end: int, roots: tuple[str, ...] = ROOT_NAMES) -> None:
+        self.roots = roots
         self.tokens = _tokenize(src, start, end)
         self.at = 0
         self.nesting = 0
@@ -481,13 +484,13 @@ class _Parser:
             return _Const(tok.value)
         if tok.kind == "name" and tok.text in _CONSTANTS:
             return _Const(_CONSTANTS[tok.text])
-        if tok.kind == "name" and tok.text in ROOT_NAMES:
+        if tok.kind == "name" and tok.text in self.roots:
             return _Root(tok.text)
         if tok.kind == "name" and tok.text not in _KEYWORDS:
             hint = f" (did you mean {_PYTHONISMS[tok.text]!r}?)" if tok.text in _PYTHONISMS else ""
+            names = ", ".join(self.roots[:-1]) + f" and {self.roots[-1]}"
             raise ExpressionError(
-                f"unknown name {tok.text!r}{hint}; the only names are {' and '.join(ROOT_NAMES)}",
-                tok.pos,
+                f"unknown name {tok.text!r}{hint}; the only names are {names}", tok.pos
             )
         if tok.kind == "op" and tok.text == "(":
             node = self.nested(tok)
@@ -555,22 +558,25 @@ class Expression:
         return self._references
 
 
-def _compile(src: str, start: int, end: int) -> tuple[_Node, frozenset[tuple[str, ...]]]:
-    node = _Parser(src, start, end).parse()
+def _compile(
+    src: str, start: int, end: int, roots: tuple[str, ...] = ROOT_NAMES
+) -> tuple[_Node, frozenset[tuple[str, ...]]]:
+    node = _Parser(src, start, end, roots).parse()
     refs: set[tuple[str, ...]] = set()
     _collect_references(node, refs)
     return node, frozenset(refs)
 
 
-def parse(source: str) -> Expression:
-    """Parse an expression; one wrapped whole as `${ ... }` is unwrapped first."""
+def parse(source: str, roots: tuple[str, ...] = ROOT_NAMES) -> Expression:
+    """Parse an expression; one wrapped whole as `${ ... }` is unwrapped first. `roots`: the
+    names it may start from (a wait's `when` also sees `signal`)."""
     if not isinstance(source, str):
         raise ExpressionError(f"an expression is a string, not {_type_name(source)}", 0)
     start, end = 0, len(source)
     lo, hi = len(source) - len(source.lstrip()), len(source.rstrip())
     if source.startswith("${", lo) and _find_close(source, lo + 2) == hi - 1:
         start, end = lo + 2, hi - 1
-    return Expression(source, *_compile(source, start, end))
+    return Expression(source, *_compile(source, start, end, roots))
 
 
 # --- templates -------------------------------------------------------------------------------
@@ -666,11 +672,21 @@ class Template:
 _PLAIN_KEY = re.compile(r"[^.\[\]\s'\"]+")
 
 
+def expression_too_long(length: int, limit: int) -> str:
+    """The problem of an expression over a length limit (definitions set the limit)."""
+    return f"an expression of {length} characters: the limit is {limit} characters"
+
+
+def _key_path(path: str, key: str) -> str:
+    return f"{path}.{key}" if _PLAIN_KEY.fullmatch(key) else f"{path}[{json.dumps(key)}]"
+
+
 class _TemplateCompiler:
-    def __init__(self) -> None:
+    def __init__(self, max_expression_length: int | None = None) -> None:
         self.problems: list[tuple[str, str]] = []
         self.references: set[tuple[str, ...]] = set()
         self.static = True
+        self.max_expression_length = max_expression_length
 
     def value(self, value: Any, path: str) -> _TNode:
         if isinstance(value, str):
@@ -683,11 +699,7 @@ class _TemplateCompiler:
             items = []
             for key, item in value.items():
                 key_text = str(key)
-                where = (
-                    f"{path}.{key_text}"
-                    if _PLAIN_KEY.fullmatch(key_text)
-                    else f"{path}[{json.dumps(key_text)}]"
-                )
+                where = _key_path(path, key_text)
                 if not isinstance(key, str):
                     self.problems.append((where, f"a key must be a string, not {_type_name(key)}"))
                 items.append((key_text, self.value(item, where)))
@@ -709,6 +721,12 @@ class _TemplateCompiler:
             if close < 0:
                 self.problems.append((path, f"unterminated '${{' (at position {opening})"))
                 return _TConst(text)
+            limit = self.max_expression_length
+            if limit is not None and close - opening - 2 > limit:
+                message = expression_too_long(close - opening - 2, limit)
+                self.problems.append((path, f"{message} (at position {opening})"))
+                i = close + 1
+                continue
             try:
                 node, refs = _compile(text, opening + 2, close)
             except ExpressionError as exc:
@@ -729,13 +747,44 @@ class _TemplateCompiler:
         return _TString(tuple(parts), path, text)
 
 
-def compile_template(value: Any, path: str = "with") -> Template:
+def compile_template(
+    value: Any, path: str = "with", *, max_expression_length: int | None = None
+) -> Template:
     """Compile a JSON value's `${...}` ahead of time, or raise TemplateError with every problem.
 
-    Dict keys are not templated. `$${` stands for a literal `${`.
+    Dict keys are not templated. `$${` stands for a literal `${`. An expression (what one
+    `${...}` holds) longer than `max_expression_length` characters is a problem.
     """
-    compiler = _TemplateCompiler()
+    compiler = _TemplateCompiler(max_expression_length)
     root = compiler.value(value, path)
     if compiler.problems:
         raise TemplateError(compiler.problems)
     return Template(path, root, frozenset(compiler.references), compiler.static)
+
+
+def compile_fields(
+    value: Mapping[str, Any], path: str = "with", *, max_expression_length: int | None = None
+) -> tuple[Template | None, dict[str, frozenset[tuple[str, ...]]], list[tuple[str, str]]]:
+    """`compile_template` of an object, in one pass, keeping each field's references apart.
+
+    Returns the template (None when there is any problem), the references of each field that
+    compiled without a problem, and every problem (never raises)."""
+    compiler = _TemplateCompiler(max_expression_length)
+    fields: dict[str, frozenset[tuple[str, ...]]] = {}
+    items: list[tuple[str, _TNode]] = []
+    everything: set[tuple[str, ...]] = set()
+    for key, item in value.items():
+        key_text = str(key)
+        where = _key_path(path, key_text)
+        problems_before = len(compiler.problems)
+        if not isinstance(key, str):
+            compiler.problems.append((where, f"a key must be a string, not {_type_name(key)}"))
+        compiler.references = set()
+        items.append((key_text, compiler.value(item, where)))
+        if len(compiler.problems) == problems_before:
+            fields[key_text] = frozenset(compiler.references)
+        everything |= compiler.references
+    if compiler.problems:
+        return None, fields, compiler.problems
+    template = Template(path, _TDict(tuple(items)), frozenset(everything), compiler.static)
+    return template, fields, []

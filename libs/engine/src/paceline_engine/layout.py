@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from paceline_engine.definitions import ConditionStep, Definition, ParallelStep, Step
+from paceline_engine.definitions import ConditionStep, Definition, ParallelStep, Step, WaitStep
 
 __all__ = ["Layout", "Place", "layout_of"]
 
@@ -33,10 +33,17 @@ class Place:
 class Layout:
     """Every step's `Place`, built once per definition (linear in its size)."""
 
-    __slots__ = ("_places",)
+    __slots__ = ("_places", "_waits", "_waits_by_signal")
 
     def __init__(self, definition: Definition) -> None:
         self._places: dict[str, Place] = {}
+        self._waits: dict[str, WaitStep] = {}
+        self._waits_by_signal: dict[str, list[WaitStep]] = {}
+        for step in definition.walk():
+            if isinstance(step, WaitStep):
+                self._waits[step.id] = step
+                if step.signal is not None:
+                    self._waits_by_signal.setdefault(step.signal, []).append(step)
         # An explicit stack: nesting depth costs no Python frames.
         stack: list[tuple[tuple[Step, ...], str | None]] = [(definition.steps, None)]
         order: list[tuple[tuple[Step, ...], int, str | None]] = []
@@ -60,6 +67,14 @@ class Layout:
 
     def position(self, step_id: str) -> int:
         return self._places[step_id].position
+
+    def wait(self, step_id: str) -> WaitStep:
+        """The wait step `step_id`; KeyError when it is not one."""
+        return self._waits[step_id]
+
+    def waits_for(self, signal: str) -> list[WaitStep]:
+        """The wait steps for `signal`, in definition order."""
+        return self._waits_by_signal.get(signal, [])
 
 
 _CACHE_SIZE = 512

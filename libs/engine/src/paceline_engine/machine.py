@@ -15,6 +15,8 @@ Where each rule lives:
 - results.py: what workers report, with the outcome rule (an ending that does not prove the
   effect did not happen flags a non-restartable activity), time-outs, drains and stops;
 - commands.py: start, cancel (CANCELLING until what ran has stopped) and operators' resolves.
+- waits.py: `wait` steps (timers and signals); approvals.py: `approval` activities, which the
+  scheduler runs itself (checkpointed: one approval record per attempt).
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from paceline_engine import claims, commands, results
+from paceline_engine import approvals, claims, commands, results, waits
 from paceline_engine.definitions import Definition
 from paceline_engine.events import (
     ActivityCompleted,
     ActivityFailed,
     ActivityStopped,
+    ApprovalDecided,
     Cancel,
     Claim,
     DeadlineExpired,
@@ -36,7 +39,9 @@ from paceline_engine.events import (
     Policy,
     Quarantined,
     Resolve,
+    SignalArrived,
     Start,
+    WaitDue,
 )
 from paceline_engine.run import Run, Transition
 from paceline_engine.state import InstanceState
@@ -78,4 +83,10 @@ def apply(
             claims.claim(run, event)
         case Quarantined():
             claims.quarantined(run, event)
+        case WaitDue():
+            waits.due(run, event)
+        case SignalArrived():
+            waits.signal(run, event)
+        case ApprovalDecided():
+            approvals.decided(run, event)
     return run.result()

@@ -20,8 +20,16 @@ from typing import Any
 
 from paceline_contracts.messages import ActivityError
 from paceline_contracts.states import ActivityStatus, InstanceStatus
-from paceline_engine.activity_types import ACTIVITY_TYPES
-from paceline_engine.definitions import ActivityStep, ConditionStep, Definition, ParallelStep, Step
+from paceline_engine import approvals, waits
+from paceline_engine.activity_types import ACTIVITY_TYPES, SCHEDULER_TYPES
+from paceline_engine.definitions import (
+    ActivityStep,
+    ConditionStep,
+    Definition,
+    ParallelStep,
+    Step,
+    WaitStep,
+)
 from paceline_engine.events import (
     AnswerClaim,
     Claim,
@@ -48,6 +56,8 @@ from paceline_engine.state import (
 )
 
 DONE = (ActivityStatus.COMPLETED, ActivityStatus.SKIPPED)
+ACTIVE = (InstanceStatus.RUNNING, InstanceStatus.FLAGGED, InstanceStatus.WAITING)
+"""Started, not final, not cancelling: steps still move on."""
 
 
 class Transition:
@@ -108,6 +118,7 @@ class Run:
         self.history.append(HistoryEntry(kind, reason, step, attempt, data))
 
     def result(self) -> Transition:
+        self.refresh_status()
         self.state.counts = {
             status.value: n for status in ActivityStatus if (n := self.count(status)) > 0
         }
@@ -153,6 +164,11 @@ class Run:
         except NotLoaded:
             return False
         return True
+
+    @property
+    def active(self) -> bool:
+        """Started and not final nor cancelling: steps still move on."""
+        return self.state.status in ACTIVE
 
     @property
     def cancelling(self) -> bool:
@@ -323,6 +339,19 @@ class Run:
         )
         self.note(kind, reason, step.id, attempt, restartable=restartable, isolated=isolated)
 
+    def fail_wait(self, step_id: str, error: ActivityError) -> None:
+        """A `wait` step that could not start (its `until` could not be evaluated)."""
+        self.state.activities[step_id] = ActivityState(
+            type=waits.WAIT_TYPE,
+            status=ActivityStatus.FAILED,
+            attempt=1,
+            restartable=True,
+            error=error,
+            reason="its time could not be evaluated",
+        )
+        self.changed.add(step_id)
+        self.note(HistoryKind.FAILED, f"{error.kind}: {error.message}", step_id, 1)
+
     def fail_step(self, step: ActivityStep, attempt: int, error: ActivityError) -> None:
         self.state.activities[step.id] = ActivityState(
             type=step.type,
@@ -338,10 +367,18 @@ class Run:
     # --- the instance --------------------------------------------------------------------------
 
     def refresh_status(self) -> None:
-        if self.state.status not in (InstanceStatus.RUNNING, InstanceStatus.FLAGGED):
+        """FLAGGED while an activity waits for an operator; WAITING while only `wait` steps
+        are in progress; RUNNING otherwise."""
+        if self.state.status not in ACTIVE:
             return
-        flagged = self.count(ActivityStatus.INTERRUPTED) > 0
-        self.state.status = InstanceStatus.FLAGGED if flagged else InstanceStatus.RUNNING
+        if self.count(ActivityStatus.INTERRUPTED) > 0:
+            self.state.status = InstanceStatus.FLAGGED
+        elif self.count(ActivityStatus.WAITING) > 0 and not (
+            self.count(ActivityStatus.RUNNING) or self.count(ActivityStatus.SCHEDULED)
+        ):
+            self.state.status = InstanceStatus.WAITING
+        else:
+            self.state.status = InstanceStatus.RUNNING
 
     def after_ending(self) -> None:
         """An activity reached a final status: move on, or finish a cancel that waited."""
@@ -365,6 +402,13 @@ class Run:
                 activity.status = ActivityStatus.CANCELLED
                 activity.reason = f"cancelled by {by} before it started"
                 self.changed.add(step)
+            elif activity.status is ActivityStatus.WAITING:
+                activity.status = ActivityStatus.CANCELLED
+                activity.reason = f"cancelled by {by} while it waited"
+                activity.finished_at = self.now
+                self.changed.add(step)
+                if activity.approval is not None:
+                    approvals.closed(self, step, activity)
             elif activity.status is ActivityStatus.INTERRUPTED:
                 activity.status = ActivityStatus.CANCELLED
                 activity.reason = f"cancelled by {by} while flagged"
@@ -429,6 +473,8 @@ class Run:
                 self.changed.discard(step)
         if self.count_open() > 0:
             for step, activity in self.state.open_activities():
+                if activity.approval is not None and activity.status is ActivityStatus.WAITING:
+                    approvals.closed(self, step, activity)
                 # A worker may still be running it; its result will arrive late and be ignored.
                 activity.status = ActivityStatus.CANCELLED
                 activity.reason = f"instance {status.value.lower()}"
@@ -436,6 +482,7 @@ class Run:
                 self.changed.add(step)
         self.state.branches.clear()
         self.state.joins.clear()
+        waits.drop_buffered(self, f"the instance ended {status.value}")
         self.decisions.append(Finish(status))
         self.note(kind, reason)
 
@@ -448,7 +495,7 @@ class Run:
         """Move on from every activity this transition finished: enter what comes next, join
         parallel steps, complete the instance at the end of its steps; fail it when an
         activity failed. Calling it again does nothing more."""
-        if self.state.status not in (InstanceStatus.RUNNING, InstanceStatus.FLAGGED):
+        if self.state.status not in ACTIVE:
             return
         ended = sorted(
             (step for step in self.changed if self._ended_now(step)), key=self.layout.position
@@ -536,12 +583,30 @@ class Run:
         if isinstance(step, ActivityStep):
             if step.id in self.state.activities:
                 return  # entered already (a complete state can tell)
+            if step.type in SCHEDULER_TYPES:
+                if approvals.enter(self, step):
+                    self._moved_on.add(step.id)
+                    self.failure = self.failure or self.state.activities[step.id].error
+                    self._fail()
+                return
             self.dispatch(step, 1, None, "its turn came")
             activity = self.state.activities[step.id]
             if activity.status.is_final:  # its parameters could not be evaluated
                 self._moved_on.add(step.id)
                 self.failure = self.failure or activity.error
                 self._fail()
+            return
+        if isinstance(step, WaitStep):
+            if step.id in self.state.activities:
+                return
+            if waits.enter(self, step):
+                activity = self.state.activities[step.id]
+                self._moved_on.add(step.id)
+                if activity.status in DONE:
+                    work.append(("after", step.id))
+                else:
+                    self.failure = self.failure or activity.error
+                    self._fail()
             return
         if isinstance(step, ConditionStep):
             try:

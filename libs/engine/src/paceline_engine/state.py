@@ -68,6 +68,66 @@ class Crash(BaseModel):
     of the suspects of a worker's death, and nothing is charged."""
 
 
+class Waiting(BaseModel):
+    """What a `wait` step waits for (its activity is WAITING)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str
+    """`timer` (a `for` or an `until`) or `signal`."""
+    due_at: datetime | None
+    """When the timer fires, the database's time, fixed when the wait started; for a signal,
+    its timeout (None: none)."""
+    signal: str | None = None
+    """The signal's name."""
+
+
+class Vote(BaseModel):
+    """One decider's choice on an approval."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    by: str
+    decision: str
+    comment: str | None = None
+    at: datetime
+
+
+class ApprovalState(BaseModel):
+    """An `approval` in progress (its record is the `approvals` row of this attempt)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    approvers: list[str]
+    """Who may decide now: the step's, and those every escalation so far added."""
+    required: int
+    choices: list[str]
+    on_timeout: str
+    escalations: list[tuple[float, list[str]]] = Field(default_factory=list)
+    """Each level: seconds after the start, and the approvers it adds."""
+    level: int = 0
+    """Escalation levels reached."""
+    votes: list[Vote] = Field(default_factory=list)
+
+
+class BufferedSignal(BaseModel):
+    """A signal that arrived before the process reached a wait that takes it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    signal_id: str
+    name: str
+    payload: dict[str, Any]
+    by: str
+    received_at: datetime
+
+
+MAX_BUFFERED_SIGNALS = 20
+"""Signals an instance holds for waits it has not reached; more are kept as late (refused).
+With the admin API's 16 KiB payload limit, they add at most about 330 KiB to the instance's
+document (the signals table keeps every signal in full)."""
+
+
 class CancelRequest(BaseModel):
     """A cancel the engine recorded."""
 
@@ -113,6 +173,10 @@ class ActivityState(BaseModel):
     """The current attempt runs alone, in an isolated runner: it is a suspect."""
     crashes: list[Crash] = Field(default_factory=list)
     """The most recent crashes it was part of (at most `MAX_CRASHES_KEPT`), oldest first."""
+    waiting: Waiting | None = None
+    """For a `wait` step or an `approval`: what it waits for (kept once it ended)."""
+    approval: ApprovalState | None = None
+    """For an `approval`: its approvers, escalations and votes."""
 
 
 MAX_CRASHES_KEPT = 10
@@ -148,6 +212,9 @@ class InstanceState(BaseModel):
     finished (the history keeps every choice); decided once, never re-evaluated."""
     joins: dict[str, int] = Field(default_factory=dict)
     """Parallel step id -> branches not finished yet, for parallel steps in progress."""
+    signals: list[BufferedSignal] = Field(default_factory=list)
+    """Signals waiting for a wait that takes them, oldest first (at most
+    `MAX_BUFFERED_SIGNALS`)."""
     error: ActivityError | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from paceline_contracts.states import ActivityStatus
-from paceline_engine.definitions import ActivityStep, ConditionStep, Definition, Step
+from paceline_engine.definitions import ActivityStep, ConditionStep, Definition, Step, WaitStep
 from paceline_engine.state import InstanceState
 
 __all__ = ["CarriedOver", "carry_over"]
@@ -39,7 +39,7 @@ def carry_over(definition: Definition, state: InstanceState) -> CarriedOver:
     entered: dict[str, bool] = {}
     # Children before their owner: the reverse of a depth-first pre-order.
     for step in reversed(list(definition.walk())):
-        if isinstance(step, ActivityStep):
+        if isinstance(step, ActivityStep | WaitStep):
             activity = state.activities.get(step.id)
             entered[step.id] = activity is not None
             finished[step.id] = activity is not None and activity.status in _DONE

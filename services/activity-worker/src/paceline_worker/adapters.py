@@ -421,19 +421,7 @@ async def shell_command(params: ShellCommandParams) -> dict[str, Any]:
     """
     program = params.argv[0]
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *params.argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, **params.env},
-            cwd=params.cwd,
-            # Its own process group, so that stopping it also stops what it started.
-            start_new_session=True,
-            # Killed if the worker dies: the failover rule gives its work to others (or flags
-            # it), and a command left running could do its effect twice.
-            preexec_fn=die_with_parent(signal.SIGKILL),
-        )
+        proc = await _start(params)
     except (OSError, ValueError) as exc:
         raise ActivityFailure("exec", f"cannot start {program!r}: {_os_error(exc)}") from None
 
@@ -483,6 +471,53 @@ async def shell_command(params: ShellCommandParams) -> dict[str, Any]:
             raise OutcomeUnknown("exit_code", message)
         raise ActivityFailure("exit_code", f"{program!r} {_exit_status(exit_code)}{_tail(stderr)}")
     return output
+
+
+async def _start(params: ShellCommandParams) -> asyncio.subprocess.Process:
+    """The program started, in a process group of its own. A cancellation while it starts
+    (the program may run already: a busy event loop sets up its pipes late) waits for the
+    start to finish and stops the group as any cancellation does; asyncio's own clean-up
+    would SIGKILL the program alone, with no grace, and leave what it started running."""
+    spawn = asyncio.ensure_future(
+        asyncio.create_subprocess_exec(
+            *params.argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, **params.env},
+            cwd=params.cwd,
+            # Its own process group, so that stopping it also stops what it started.
+            start_new_session=True,
+            # Killed if the worker dies: the failover rule gives its work to others (or flags
+            # it), and a command left running could do its effect twice.
+            preexec_fn=die_with_parent(signal.SIGKILL),
+        )
+    )
+    try:
+        return await asyncio.shield(spawn)
+    except asyncio.CancelledError:
+        grace = params.kill_grace_s
+        while not spawn.done():
+            try:
+                await asyncio.shield(spawn)
+            except asyncio.CancelledError:
+                grace = 0.0  # a second cancellation: no grace, as during a grace
+            except (OSError, ValueError):
+                break
+        if not spawn.cancelled() and spawn.exception() is None:
+            proc = spawn.result()
+            sink = _Capture(0)
+            readers = [
+                asyncio.create_task(sink.drain(proc.stdout)),
+                asyncio.create_task(sink.drain(proc.stderr)),
+            ]
+            try:
+                await _stop_group(proc, grace, readers)
+            finally:
+                for reader in readers:
+                    reader.cancel()
+                await asyncio.gather(*readers, return_exceptions=True)
+        raise
 
 
 async def _stop_group(

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from paceline_admin import (
+    approvals,
     definitions,
     flags,
     health,
@@ -17,6 +18,7 @@ from paceline_admin import (
     instances,
     problems,
     servers,
+    signals,
 )
 from paceline_admin.auth import token_first
 from paceline_admin.body_limit import BodyLimit
@@ -84,6 +86,8 @@ def create_app(settings: AdminSettings, identity: ServerIdentity | None = None) 
     app.include_router(definitions.router)
     app.include_router(instances.router)
     app.include_router(instance_activities.router)
+    app.include_router(signals.router)
+    app.include_router(approvals.router)
     app.include_router(flags.router)
     app.include_router(servers.router)
 

@@ -11,15 +11,17 @@ _LOCK_CLASS = 0x7061  # 'pa'
 
 
 async def insert_next_version(pool: asyncpg.Pool, name: str, body: Any) -> asyncpg.Record:
-    """Store `body` as the next version of `name`. Concurrent creates of one name queue on a
-    transaction-scoped lock, so each reads the max version the previous one committed."""
+    """Store `body` as the next version of `name`; returns its name, version and created_at
+    (not the body: the caller has it, and reading a large one back is wasted work). Concurrent
+    creates of one name queue on a transaction-scoped lock, so each reads the max version the
+    previous one committed."""
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _LOCK_CLASS, name)
         row: asyncpg.Record = await conn.fetchrow(
             """
             INSERT INTO definitions (name, version, body)
             SELECT $1, coalesce(max(version), 0) + 1, $2::jsonb FROM definitions WHERE name = $1
-            RETURNING name, version, created_at, body
+            RETURNING name, version, created_at
             """,
             name,
             body,

@@ -186,6 +186,18 @@ class WaitingActivity(BaseModel):
     server: str | None = Field(description="The server that runs it (that claimed the attempt).")
 
 
+class WaitView(BaseModel):
+    """A `wait` step the instance is waiting in."""
+
+    kind: str = Field(description="`timer` (a `for` or an `until`) or `signal`.")
+    step: str
+    due_at: datetime | None = Field(
+        description="When the timer fires, or the signal's timeout (null: none); the "
+        "database's time, fixed when the wait started."
+    )
+    signal: str | None = Field(description="The signal's name, for a signal.")
+
+
 class CancelInfo(BaseModel):
     """A cancel request: the first one (a repeat answers with these)."""
 
@@ -217,6 +229,11 @@ class InstanceDetail(InstanceSummary):
         description="In definition order; at most the first 1,000 (see `activities_truncated`)."
     )
     activity_count: int = Field(description="How many activities were dispatched in all.")
+    waiting_for: list[WaitView] = Field(
+        default_factory=list,
+        description="The `wait` steps in progress (the instance is WAITING when nothing else "
+        "runs), the soonest due first.",
+    )
     activities_truncated: bool = Field(
         description="True when `activities` holds only the first 1,000: page through all of "
         "them with `GET /v1/instances/{id}/activities`."

@@ -29,12 +29,13 @@ from paceline_admin.instance_models import (
     ResolveRequest,
     StartedInstance,
     StartInstanceRequest,
+    WaitView,
 )
 from paceline_admin.paging import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor
 from paceline_admin.params import Text
 from paceline_admin.problems import ApiError, ProblemItem, problem_responses
 from paceline_admin.resources import Broker, BrokerConnection, Db
-from paceline_contracts.states import InstanceStatus
+from paceline_contracts.states import ActivityStatus, InstanceStatus
 
 log = logging.getLogger(__name__)
 
@@ -180,11 +181,7 @@ async def get_instance(instance_id: IdParam, pool: Db, lost_after_s: LostAfter) 
         outputs = (
             await store.outputs(conn, instance_id) if status is InstanceStatus.COMPLETED else None
         )
-        running = (
-            await store.open_activities(conn, instance_id)
-            if status is InstanceStatus.CANCELLING
-            else {}
-        )
+        running = await store.open_activities(conn, instance_id) if not status.is_final else {}
     state: dict[str, Any] = row["state"] or {}
     shown = page[:MAX_EMBEDDED_ACTIVITIES]
     activities: dict[str, Any] = {r["step"]: r["state"] for r in shown}
@@ -207,9 +204,26 @@ async def get_instance(instance_id: IdParam, pool: Db, lost_after_s: LostAfter) 
             servers,
         ),
         activity_count=total,
+        waiting_for=_waits(running),
         activities_truncated=total > len(shown),
         cancel=_cancel_view(row, state, running),
     )
+
+
+def _waits(open_activities: dict[str, Any]) -> list[WaitView]:
+    views = []
+    for step, a in open_activities.items():
+        waiting = a.get("waiting") if isinstance(a, dict) else None
+        if a.get("status") == ActivityStatus.WAITING and isinstance(waiting, dict):
+            views.append(
+                WaitView(
+                    kind=waiting.get("kind", "timer"),
+                    step=step,
+                    due_at=waiting.get("due_at"),
+                    signal=waiting.get("signal"),
+                )
+            )
+    return sorted(views, key=lambda v: (v.due_at is None, v.due_at or 0, v.step))
 
 
 def _cancel_view(row: Any, state: dict[str, Any], activities: dict[str, Any]) -> CancelView | None:

@@ -14,10 +14,11 @@ import orjson
 from paceline_admin import definition_store, instance_store, sending
 from paceline_admin.documents import as_json_document
 from paceline_admin.instance_models import StartedInstance, StartInstanceRequest
+from paceline_admin.parsed import parsed
 from paceline_admin.problems import ApiError, ProblemItem, summarize
 from paceline_contracts.messages import StartInstance
 from paceline_contracts.queues import Queue
-from paceline_engine.definitions import DefinitionError, parse_definition, resolve_inputs
+from paceline_engine.definitions import DefinitionError, resolve_inputs
 from paceline_engine.state import InstanceState
 from paceline_infra import outbox
 from paceline_infra.amqp import Publisher
@@ -71,7 +72,7 @@ async def _resolve(
             kind="unknown-definition",
         )
     try:
-        definition = parse_definition(row["body"], version=row["version"])
+        definition = await parsed(row["name"], row["version"], row["body"])
     except DefinitionError as exc:
         # Stored definitions were valid when created; the engine's rules may have changed.
         raise ApiError(

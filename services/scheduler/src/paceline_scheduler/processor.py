@@ -19,16 +19,25 @@ import asyncpg
 from opentelemetry import trace
 from pydantic import TypeAdapter, ValidationError
 
-from paceline_contracts.messages import CLAIM, COMMAND, RESULT, ClaimReply
+from paceline_contracts.messages import CLAIM, COMMAND, RESULT, ClaimReply, FireTimer
 from paceline_contracts.queues import Queue
+from paceline_engine import approvals as approvals_engine
 from paceline_engine import machine
 from paceline_engine.definitions import Definition
-from paceline_engine.events import AnswerClaim, HistoryEntry, Policy
+from paceline_engine.events import (
+    AnswerClaim,
+    CloseApproval,
+    CreateApproval,
+    EscalateApproval,
+    HistoryEntry,
+    Policy,
+    RecordSignal,
+)
 from paceline_engine.state import NotLoaded
 from paceline_infra import db, outbox, telemetry
 from paceline_infra.amqp import Publisher, invalid_reason
 from paceline_infra.batching import Delivery
-from paceline_scheduler import store
+from paceline_scheduler import approval_store, store
 from paceline_scheduler.translate import Incoming, instance_changed, to_event, to_outbox
 
 log = logging.getLogger(__name__)
@@ -41,6 +50,15 @@ _PARSERS: dict[Queue, TypeAdapter[Any]] = {
     Queue.RESULTS: RESULT,
     Queue.CLAIMS: CLAIM,
 }
+
+
+async def _decided_first(conn: asyncpg.Connection, instance_id: UUID, message: Incoming) -> bool:
+    """An approval's timeout whose approval the admin API decided before it came due."""
+    if not isinstance(message, FireTimer) or message.purpose != approvals_engine.TIMEOUT:
+        return False
+    return not await approval_store.timeout_may_decide(
+        conn, instance_id, message.step, message.attempt
+    )
 
 
 @dataclass(slots=True)
@@ -56,6 +74,8 @@ class _Outcome:
     saved: list[store.InstanceRow] = field(default_factory=list)
     changed: dict[UUID, set[str]] = field(default_factory=dict)
     """Activities changed, by instance: the rows to write."""
+    signals: list[tuple[RecordSignal, datetime]] = field(default_factory=list)
+    """What became of signals, to write on their rows."""
     history: list[tuple[UUID, datetime, HistoryEntry]] = field(default_factory=list)
     messages: list[outbox.OutboxMessage] = field(default_factory=list)
     replies: list[tuple[_Parsed, ClaimReply]] = field(default_factory=list)
@@ -157,6 +177,7 @@ class Processor:
                 definition = definitions[(row.definition, row.version)]
                 await self._apply(conn, row, definition, items, now, outcome)
             await store.save_states(conn, outcome.saved, outcome.changed, definitions)
+            await store.record_signals(conn, outcome.signals)
             await store.append_history(conn, outcome.history)
             await outbox.stage(conn, outcome.messages)
         return outcome
@@ -185,8 +206,11 @@ class Processor:
             decisions = []
             changed: set[str] = set()
             any_change = False
+            approvals: list[approval_store.ApprovalDecision] = []
             for p in items:
                 event = to_event(p.message)
+                if await _decided_first(conn, row.id, p.message):
+                    continue  # a decision recorded first wins; its command ends the approval
                 for _ in range(_MAX_LOADS):
                     try:
                         transition = machine.apply(definition, state, event, now, self._policy)
@@ -220,6 +244,10 @@ class Processor:
                                 ),
                             )
                         )
+                    elif isinstance(d, RecordSignal):
+                        outcome.signals.append((d, now))
+                    elif isinstance(d, CreateApproval | EscalateApproval | CloseApproval):
+                        approvals.append(d)
                     else:
                         decisions.append(d)
             if not any_change:
@@ -229,6 +257,11 @@ class Processor:
             outcome.saved.append(row)
             outcome.changed[row.id] = changed
             headers = telemetry.inject()
+            outcome.messages.extend(
+                await approval_store.apply(
+                    conn, row.id, row.definition, row.started_by, approvals, now, headers
+                )
+            )
             outcome.messages.extend(
                 m for d in decisions if (m := to_outbox(row, d, headers, now)) is not None
             )

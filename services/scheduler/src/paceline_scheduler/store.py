@@ -16,7 +16,7 @@ from uuid import UUID
 import asyncpg
 
 from paceline_engine.definitions import Definition, parse_definition
-from paceline_engine.events import HistoryEntry
+from paceline_engine.events import HistoryEntry, RecordSignal
 from paceline_engine.layout import layout_of
 from paceline_engine.state import ActivityState, InstanceState, NotLoaded
 
@@ -206,4 +206,29 @@ async def append_history(
         [e.attempt for _, _, e in entries],
         [e.reason for _, _, e in entries],
         data,
+    )
+
+
+async def record_signals(
+    conn: asyncpg.Connection, records: Sequence[tuple[RecordSignal, datetime]]
+) -> None:
+    """What became of each signal (its row, inserted by the admin API)."""
+    # A signal buffered and then taken by a wait in the same batch: its last fate stands.
+    last = list({r.signal_id: (r, at) for r, at in records}.values())
+    if not last:
+        return
+    records = last
+    await conn.execute(
+        """
+        UPDATE signals AS s SET status = u.status, step = u.step, reason = u.reason,
+               decided_at = u.at
+        FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
+          AS u(id, status, step, reason, at)
+        WHERE s.id = u.id
+        """,
+        [UUID(r.signal_id) for r, _ in records],
+        [r.fate.value for r, _ in records],
+        [r.step for r, _ in records],
+        [r.reason for r, _ in records],
+        [at for _, at in records],
     )

@@ -13,6 +13,9 @@ from paceline_contracts.messages import (
     CancelInstance,
     CheckDeadline,
     ClaimAttempt,
+    DecideApproval,
+    DeliverSignal,
+    FireTimer,
     InstanceCancelled,
     InstanceChanged,
     InstanceSnapshot,
@@ -30,6 +33,9 @@ Incoming = (
     | CancelInstance
     | ResolveActivity
     | CheckDeadline
+    | FireTimer
+    | DeliverSignal
+    | DecideApproval
     | ActivityResult
     | ActivityQuarantined
     | ClaimAttempt
@@ -53,6 +59,25 @@ def to_event(message: Incoming) -> events.Event:
             )
         case CheckDeadline():
             return events.DeadlineExpired(message.step, message.attempt)
+        case FireTimer():
+            return events.WaitDue(message.step, message.attempt, message.due_at, message.purpose)
+        case DecideApproval():
+            return events.ApprovalDecided(
+                message.step,
+                message.attempt,
+                message.by,
+                message.decision,
+                message.comment,
+                message.decided_at,
+            )
+        case DeliverSignal():
+            return events.SignalArrived(
+                str(message.signal_id),
+                message.name,
+                message.payload,
+                message.by,
+                message.received_at,
+            )
         case ActivityQuarantined():
             return events.Quarantined(
                 message.step, message.attempt, message.deliveries, message.server_id
@@ -132,6 +157,15 @@ def to_outbox(
         # A timer is a held-back message to ourselves: whichever scheduler gets it handles it.
         check = CheckDeadline(instance_id=row.id, step=decision.step, attempt=decision.attempt)
         return OutboxMessage.of(Queue.COMMANDS, check, headers, not_before=decision.at)
+    if isinstance(decision, events.SetTimer):
+        fire = FireTimer(
+            instance_id=row.id,
+            step=decision.step,
+            attempt=decision.attempt,
+            due_at=decision.due_at,
+            purpose=decision.purpose,
+        )
+        return OutboxMessage.of(Queue.COMMANDS, fire, headers, not_before=decision.due_at)
     return None
 
 
