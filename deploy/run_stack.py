@@ -381,7 +381,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    token = os.environ.get("PACELINE_ADMIN_TOKEN") or secrets.token_urlsafe(24)
+    given = os.environ.get("PACELINE_ADMIN_TOKEN")
+    token = given or secrets.token_urlsafe(24)
     checked = check_settings({**os.environ, "PACELINE_ADMIN_TOKEN": token})
     if checked.problems or checked.layout is None:
         print_problems(checked)
@@ -415,7 +416,8 @@ def main(argv: list[str]) -> int:
         say(f"started {', '.join(f'{n} (pid {s.pid})' for n, s in stack.services.items())}")
         say(f"logs in {args.log_dir}")
         say(f"admin API: http://127.0.0.1:{port}  (OpenAPI at /openapi.json)")
-        say(f"API token: {token}")
+        # A token of the user's own is a secret they have: it is never echoed.
+        say("API token: yours, PACELINE_ADMIN_TOKEN" if given else f"API token: {token}")
         say(
             "a service process that exits is replaced by a fresh one; "
             "Ctrl-C stops the stack (twice: kills it)"

@@ -103,3 +103,16 @@ async def test_bad_requests_are_refused_with_every_problem(
     assert_problem(await client.get(url, params={"cursor": "not-a-cursor"}), 422)
     assert_problem(await client.get(url, params={"limit": 0}), 422)
     assert_problem(await client.get(f"/v1/instances/{uuid.uuid4()}/activities"), 404)
+
+
+async def test_a_completed_instance_embeds_the_first_thousand_outputs_and_says_so(
+    client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    instance_id = await big_instance(client, pool)
+    await pool.execute(
+        "UPDATE instances SET status = 'COMPLETED' WHERE id = $1", uuid.UUID(instance_id)
+    )
+    detail = (await client.get(f"/v1/instances/{instance_id}")).json()
+    finished = [f"s{i:04}" for i in range(STEPS) if i % 100 != 0]
+    assert list(detail["outputs"]) == finished[:1000]
+    assert detail["outputs_truncated"] is True

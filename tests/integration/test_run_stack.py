@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -517,3 +518,15 @@ def test_backoff_doubles_to_a_cap_and_starts_over_after_a_stable_run() -> None:
     assert [backoff.after_exit(1) for _ in range(9)] == [0.5, 1, 2, 4, 8, 16, 30, 30, 30]
     assert backoff.after_exit(31) == 0.5, "up 30 s: no crash loop"
     assert backoff.after_exit(2) == 1
+
+
+async def test_a_token_of_the_users_own_is_never_echoed(tmp_path: Path) -> None:
+    token = "my-own-secret-token-" + secrets.token_hex(8)
+    async with supervisor(tmp_path, keep_token=True, PACELINE_ADMIN_TOKEN=token) as run:
+        line = await run.console.expect(r"API token: (.*)")
+        assert line[1] == "yours, PACELINE_ADMIN_TOKEN"
+        assert await run.ctrl_c() == 0
+        out = run.console.text
+    assert token not in out
+    for name, text in run.logs().items():
+        assert token not in text, name

@@ -236,3 +236,27 @@ def test_an_approval_step_takes_no_step_level_timeout_or_retry() -> None:
     with pytest.raises(DefinitionError) as caught:
         parse({**step, "timeout": "1s", "retry": {"max_attempts": 2}})
     assert "steps[0].timeout" in str(caught.value) and "steps[0].retry" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("params", "where"),
+    [
+        ({"forbid_requester": "no"}, "forbid_requester"),
+        ({"required": "2"}, "required"),
+        ({"required": True}, "required"),
+        ({"approvers": ["", "bob"]}, "approvers.0"),
+        ({"approvers": ["group:"]}, "approvers.0"),
+        ({"timeout": "0s"}, "timeout"),
+        # (A check across fields runs at definition time only when no field is a template.)
+        (
+            {"title": "t", "timeout": "1h", "escalate": [{"after": "2h", "to": ["x"]}]},
+            "could never happen",
+        ),
+    ],
+)
+def test_approval_parameters_are_strict(params: dict[str, Any], where: str) -> None:
+    from paceline_engine.definitions import DefinitionError
+
+    with pytest.raises(DefinitionError) as caught:
+        parse(approval(**params))
+    assert where in str(caught.value)

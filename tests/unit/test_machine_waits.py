@@ -14,6 +14,7 @@ from unit.test_machine_failover import Run, S, noop, parse
 from paceline_contracts.states import ActivityStatus, InstanceStatus
 from paceline_engine.definitions import DefinitionError
 from paceline_engine.events import (
+    Abandon,
     Dispatch,
     Finish,
     HistoryKind,
@@ -284,3 +285,26 @@ def test_signals_still_buffered_when_the_instance_ends_become_late(end: str) -> 
     assert run.instance().is_final
     assert fates(t) == [(SignalFate.LATE, None)]
     assert run.state.signals == []
+
+
+def test_an_until_out_of_range_fails_the_step_not_the_scheduler() -> None:
+    run = run_of(wait("window", until="${inputs.at}"), inputs={"at": "9999-12-31T23:00:00-05:00"})
+    t = run.start()
+    assert t.decisions == [Finish(InstanceStatus.FAILED)]
+    assert run.state.error is not None and "out of range" in run.state.error.message
+
+
+def test_an_until_is_kept_in_utc() -> None:
+    run = run_of(wait("window", until="${inputs.at}"), inputs={"at": "2030-06-01T02:00:00+14:00"})
+    [timer] = timers(run.start())
+    assert timer.due_at.utcoffset() == timedelta(0)
+
+
+def test_an_abandoned_instance_fails_with_the_reason_and_cancels_its_wait() -> None:
+    run = run_of(ready())
+    run.start()
+    t = run.send(Abandon("a message could not be applied"))
+    assert t.decisions == [Finish(InstanceStatus.FAILED)]
+    assert run.state.error is not None and run.state.error.kind == "internal"
+    assert run.status("ready") is ActivityStatus.CANCELLED
+    assert run.send(Abandon("again")).decisions == []

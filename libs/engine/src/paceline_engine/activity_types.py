@@ -5,9 +5,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class Params(BaseModel):
@@ -32,10 +40,17 @@ def _duration(value: object) -> object:
     return value if value is None else parse_duration(value)
 
 
+Approver = Annotated[str, StringConstraints(pattern=r"^(group:)?[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")]
+"""A principal's name, or `group:<name>` (the forms PACELINE_ADMIN_TOKENS and PACELINE_GROUPS
+allow)."""
+
+
 class Escalation(Params):
-    after: float
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    after: float = Field(gt=0)
     """Seconds (or a duration string) after the approval was asked for."""
-    to: list[str] = Field(min_length=1)
+    to: list[Approver] = Field(min_length=1)
     """More approvers: principals, or `group:<name>`."""
 
     _after = field_validator("after", mode="before")(_duration)
@@ -43,12 +58,16 @@ class Escalation(Params):
 
 class ApprovalParams(Params):
     """`approval`: a person decides; the scheduler runs it (no worker). The approval is
-    checkpointed: created once per attempt, whatever fails over (approvals.py)."""
+    checkpointed: created once per attempt, whatever fails over (approvals.py). Strict: a
+    string is not a number nor a boolean here (`"forbid_requester": "no"` would otherwise
+    quietly turn a safeguard off)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     title: str = Field(min_length=1, max_length=500)
     details: Any = None
     """Shown to the approvers as given (rendered)."""
-    approvers: list[str] = Field(min_length=1)
+    approvers: list[Approver] = Field(min_length=1)
     """Who may decide: principals, or `group:<name>` (PACELINE_GROUPS)."""
     required: int = Field(default=1, ge=1, le=100)
     """Distinct deciders who must choose the first choice for it to be chosen."""
@@ -56,7 +75,7 @@ class ApprovalParams(Params):
     """The principal who started the instance may not decide."""
     choices: list[str] = Field(default_factory=lambda: ["approve", "reject"], min_length=2)
     """The first one approves and needs `required` deciders; any other decides at once."""
-    timeout: float | None = None
+    timeout: float | None = Field(default=None, gt=0)
     """Seconds (or a duration string); None: it waits for ever."""
     on_timeout: Literal["reject", "approve", "fail"] = "reject"
     """At the timeout: decide `reject` (the last choice), `approve` (the first), or fail."""
@@ -70,6 +89,15 @@ class ApprovalParams(Params):
         if len(set(choices)) != len(choices):
             raise ValueError("choices must be distinct")
         return choices
+
+    @model_validator(mode="after")
+    def _escalations_before_the_timeout(self) -> ApprovalParams:
+        for level, escalation in enumerate(self.escalate, start=1):
+            if self.timeout is not None and escalation.after >= self.timeout:
+                raise ValueError(
+                    f"escalation {level} comes at or after the timeout: it could never happen"
+                )
+        return self
 
 
 IDEMPOTENT_HTTP_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})

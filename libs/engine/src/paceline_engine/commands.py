@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from paceline_contracts.messages import ActivityError
 from paceline_contracts.states import ActivityStatus, InstanceStatus
-from paceline_engine.events import Cancel, HistoryKind, Resolve
+from paceline_engine.events import Abandon, Cancel, HistoryKind, Resolve
 from paceline_engine.run import Run, at
 
 
@@ -32,6 +32,16 @@ def cancel(run: Run, event: Cancel) -> None:
         )
         return
     run.start_cancel(event.by, event.reason)
+
+
+def abandon(run: Run, event: Abandon) -> None:
+    if run.state.status.is_final:
+        run.note(HistoryKind.IGNORED, f"{event.reason}; the instance had ended already")
+        return
+    error = ActivityError(kind="internal", message=event.reason)
+    run.finish(
+        InstanceStatus.FAILED, error, HistoryKind.INSTANCE_FAILED, f"internal: {event.reason}"
+    )
 
 
 def resolve(run: Run, event: Resolve) -> None:

@@ -12,7 +12,7 @@ import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from itertools import chain
 from typing import Any, Literal
 
@@ -211,6 +211,10 @@ def until_problem(value: str) -> str | None:
         return f"{value!r} is not an ISO-8601 time (such as 2030-06-01T02:00:00+02:00)"
     if at.tzinfo is None:
         return f"{value!r} has no offset (write Z or +02:00)"
+    try:
+        at.astimezone(UTC)
+    except OverflowError:
+        return f"{value!r} is out of range"
     return None
 
 

@@ -120,6 +120,14 @@ class Cancel:
 
 
 @dataclass(frozen=True, slots=True)
+class Abandon:
+    """A message of the instance could not be applied (it was dead-lettered): the instance
+    fails rather than wait for ever for what it would have done."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class WaitDue:
     """A `wait` step's timer came due (its `for` or `until`, or a signal's `timeout`), or an
     approval's (its `timeout`, or an escalation: `purpose` `escalate:<level>`)."""
@@ -166,6 +174,7 @@ Event = (
     | WaitDue
     | SignalArrived
     | ApprovalDecided
+    | Abandon
 )
 
 # --- decisions ---------------------------------------------------------------------------------

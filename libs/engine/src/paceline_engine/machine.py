@@ -27,6 +27,7 @@ from typing import Any
 from paceline_engine import approvals, claims, commands, results, waits
 from paceline_engine.definitions import Definition
 from paceline_engine.events import (
+    Abandon,
     ActivityCompleted,
     ActivityFailed,
     ActivityStopped,
@@ -89,4 +90,6 @@ def apply(
             waits.signal(run, event)
         case ApprovalDecided():
             approvals.decided(run, event)
+        case Abandon():
+            commands.abandon(run, event)
     return run.result()

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from paceline_contracts.messages import ActivityError
-from paceline_contracts.states import ActivityStatus, InstanceStatus
+from paceline_contracts.states import ActivityStatus, ErrorKind, InstanceStatus
 from paceline_engine import approvals, waits
 from paceline_engine.activity_types import ACTIVITY_TYPES, SCHEDULER_TYPES
 from paceline_engine.definitions import (
@@ -405,8 +405,10 @@ class Run:
             elif activity.status is ActivityStatus.WAITING:
                 activity.status = ActivityStatus.CANCELLED
                 activity.reason = f"cancelled by {by} while it waited"
+                activity.error = ActivityError(kind=ErrorKind.CANCELLED, message=activity.reason)
                 activity.finished_at = self.now
                 self.changed.add(step)
+                self.note(HistoryKind.CANCELLED, activity.reason, step, activity.attempt)
                 if activity.approval is not None:
                     approvals.closed(self, step, activity)
             elif activity.status is ActivityStatus.INTERRUPTED:

@@ -15,7 +15,7 @@ is kept as late. Every fate is recorded on the signal (`RecordSignal`) and in th
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from paceline_contracts.messages import ActivityError
@@ -89,7 +89,7 @@ def _until(run: Run, step: WaitStep) -> datetime:
         raise ValueError(f"an ISO-8601 time with an offset is needed, not {value!r}")
     if problem := until_problem(value):
         raise ValueError(problem)
-    return datetime.fromisoformat(value)
+    return datetime.fromisoformat(value).astimezone(UTC)
 
 
 def due(run: Run, event: WaitDue) -> None:

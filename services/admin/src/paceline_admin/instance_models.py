@@ -229,6 +229,11 @@ class InstanceDetail(InstanceSummary):
         description="In definition order; at most the first 1,000 (see `activities_truncated`)."
     )
     activity_count: int = Field(description="How many activities were dispatched in all.")
+    outputs_truncated: bool = Field(
+        default=False,
+        description="True when `outputs` holds only the first 1,000 finished steps' outputs "
+        "(in definition order): read the rest from `GET /v1/instances/{id}/activities`.",
+    )
     waiting_for: list[WaitView] = Field(
         default_factory=list,
         description="The `wait` steps in progress (the instance is WAITING when nothing else "

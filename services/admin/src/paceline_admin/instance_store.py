@@ -196,14 +196,19 @@ async def activity_count(conn: asyncpg.Pool | asyncpg.Connection, instance_id: U
     return count
 
 
-async def outputs(conn: asyncpg.Pool | asyncpg.Connection, instance_id: UUID) -> dict[str, Any]:
-    """Each finished (completed or skipped) activity's output, by step."""
-    value = await conn.fetchval(
-        "SELECT coalesce(jsonb_object_agg(step, state->'output'), '{}'::jsonb) FROM activities"
-        " WHERE instance_id = $1 AND status IN ('COMPLETED', 'SKIPPED')",
+async def outputs(
+    conn: asyncpg.Pool | asyncpg.Connection, instance_id: UUID, limit: int
+) -> tuple[dict[str, Any], bool]:
+    """Each finished (completed or skipped) activity's output, by step: the first `limit` in
+    definition order, and whether there are more."""
+    rows = await conn.fetch(
+        "SELECT step, state->'output' AS output FROM activities"  # noqa: S608 (constants only)
+        f" WHERE instance_id = $1 AND status IN ('COMPLETED', 'SKIPPED')"
+        f" ORDER BY coalesce(position, {UNPLACED}), step LIMIT $2",
         instance_id,
+        limit + 1,
     )
-    return value if isinstance(value, dict) else {}
+    return {r["step"]: r["output"] for r in rows[:limit]}, len(rows) > limit
 
 
 async def history(pool: asyncpg.Pool, instance_id: UUID) -> list[asyncpg.Record] | None:

@@ -178,8 +178,10 @@ async def get_instance(instance_id: IdParam, pool: Db, lost_after_s: LostAfter) 
         if total > MAX_EMBEDDED_ACTIVITIES:
             total = await store.activity_count(conn, instance_id)
         status = InstanceStatus(row["status"])
-        outputs = (
-            await store.outputs(conn, instance_id) if status is InstanceStatus.COMPLETED else None
+        outputs, outputs_truncated = (
+            await store.outputs(conn, instance_id, MAX_EMBEDDED_ACTIVITIES)
+            if status is InstanceStatus.COMPLETED
+            else (None, False)
         )
         running = await store.open_activities(conn, instance_id) if not status.is_final else {}
     state: dict[str, Any] = row["state"] or {}
@@ -204,6 +206,7 @@ async def get_instance(instance_id: IdParam, pool: Db, lost_after_s: LostAfter) 
             servers,
         ),
         activity_count=total,
+        outputs_truncated=outputs_truncated,
         waiting_for=_waits(running),
         activities_truncated=total > len(shown),
         cancel=_cancel_view(row, state, running),

@@ -9,6 +9,7 @@ with its reason.
 from __future__ import annotations
 
 import logging
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,6 +26,7 @@ from paceline_engine import approvals as approvals_engine
 from paceline_engine import machine
 from paceline_engine.definitions import Definition
 from paceline_engine.events import (
+    Abandon,
     AnswerClaim,
     CloseApproval,
     CreateApproval,
@@ -65,6 +67,14 @@ async def _decided_first(conn: asyncpg.Connection, instance_id: UUID, message: I
 class _Parsed:
     delivery: Delivery
     message: Incoming
+    abandon: str | None = None
+    """Set when the message was dead-lettered: apply `Abandon` with this reason instead."""
+
+
+def _error_text() -> str:
+    """The exception being handled, in one line (for a dead-letter reason)."""
+    error = sys.exc_info()[1]
+    return f"{type(error).__name__}: {error}"[:300]
 
 
 @dataclass(slots=True)
@@ -102,7 +112,9 @@ class Processor:
                 raise  # not this batch's fault: the caller requeues it and backs off
             if len(parsed) == 1:
                 log.exception("scheduler: dead-lettering a delivery it could not apply")
-                await self._dead_letter(parsed[0], "the scheduler could not apply it")
+                reason = f"the scheduler could not apply it: {_error_text()}"
+                await self._dead_letter(parsed[0], reason)
+                await self._abandon(parsed[0], reason)
                 return
             # Find the one delivery that breaks the batch instead of failing all of them.
             log.exception("scheduler: batch of %d failed; applying one at a time", len(parsed))
@@ -117,6 +129,21 @@ class Processor:
         for p in parsed:
             if id(p) not in unknown:
                 await p.delivery.message.ack()
+        await outbox.flush(self._pool, self._publisher, outcome.messages)
+
+    async def _abandon(self, parsed: _Parsed, reason: str) -> None:
+        """A message of the instance could not be applied and was dead-lettered: the instance
+        fails, with the reason, rather than wait for ever for what that message would have
+        done. When even that cannot be applied, the error is logged."""
+        dead = f"{parsed.delivery.queue.value}.dead"
+        what = f"a {parsed.message.type} message could not be applied ({reason}); moved to {dead}"
+        try:
+            outcome = await self._commit([_Parsed(parsed.delivery, parsed.message, what)])
+        except Exception:
+            log.exception(
+                "scheduler: could not fail instance %s either", parsed.message.instance_id
+            )
+            return
         await outbox.flush(self._pool, self._publisher, outcome.messages)
 
     async def _database_answers(self) -> bool:
@@ -208,7 +235,7 @@ class Processor:
             any_change = False
             approvals: list[approval_store.ApprovalDecision] = []
             for p in items:
-                event = to_event(p.message)
+                event = Abandon(p.abandon) if p.abandon else to_event(p.message)
                 if await _decided_first(conn, row.id, p.message):
                     continue  # a decision recorded first wins; its command ends the approval
                 for _ in range(_MAX_LOADS):
