@@ -447,6 +447,8 @@ async def test_a_retry_with_its_idempotency_key_answers_as_the_first(
         again = await decide(api, approval_id, "alice", "approve", "ok by me", key=key)
         assert again.status_code == 200, again.text
         assert again.json() == first.json()
+        assert again.headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first.headers
     assert await choices_of(pool, approval_id) == [("alice", "approve")]
     assert len(await decide_commands(commands)) == 1, "a retry sends nothing more"
 

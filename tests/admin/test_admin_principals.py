@@ -366,10 +366,11 @@ BAD_NAME = (
         (f"={ALICE}", "the name is empty"),
         (ALICE, "not `name=token`"),  # the token alone, where a pair should be
         (f"{ALICE}=alice", "the token is shorter than 16 characters"),  # reversed
+        ("alice=alice-token-012345678 9", "the token holds whitespace or a control character"),
     ],
     ids=[
         "space", "group-prefix", "dash-first", "semicolon", "not-ascii", "long", "empty", "bare",
-        "reversed",
+        "reversed", "token-with-space",
     ],
 )  # fmt: skip
 def test_a_bad_entry_is_refused_by_its_place(

@@ -281,6 +281,8 @@ async def test_an_idempotency_key_makes_a_retry_answer_the_same_signal(
     retry = await client.post(signal_url(instance_id), json=request, headers=key)
     assert retry.status_code == 202, retry.text
     assert retry.json() == {"signal_id": signal_id, "status": "BUFFERED"}
+    assert retry.headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first.headers
     # The key is per instance and kept on the row; nothing more is recorded or sent.
     [row] = await rows_of(pool, instance_id)
     assert row["idempotency_key"] == key["Idempotency-Key"]

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from uuid import UUID
 
 import asyncpg
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from paceline_admin import sending
@@ -25,7 +25,7 @@ from paceline_admin.instances import IdempotencyKey
 from paceline_admin.paging import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor
 from paceline_admin.params import Text
 from paceline_admin.principals import Principals
-from paceline_admin.problems import ApiError, problem_responses
+from paceline_admin.problems import ApiError, ProblemItem, problem_responses
 from paceline_admin.resources import Broker, BrokerConnection, Db
 from paceline_contracts.messages import DecideApproval
 from paceline_contracts.queues import Queue
@@ -154,11 +154,7 @@ async def list_approvals(
     where: list[str] = []
     if status is not None:
         if status.upper() not in STATUSES:
-            raise ApiError(
-                422,
-                f"status {status!r} is not one of {', '.join(STATUSES)}",
-                kind="invalid-request",
-            )
+            raise _invalid("query.status", f"{status!r} is not one of {', '.join(STATUSES)}")
         where.append(f"a.status = {arg(status.upper())}")
     if approver is not None:
         who = [approver, *(f"group:{g}" for g in _principals(request).groups_of(approver))]
@@ -191,6 +187,17 @@ async def list_approvals(
     )
 
 
+def _invalid(path: str, message: str) -> ApiError:
+    """422 as every invalid request is answered: with the problem at its path."""
+    return ApiError(
+        422,
+        message,
+        kind="invalid-request",
+        title="Invalid request",
+        errors=[ProblemItem(path=path, message=message)],
+    )
+
+
 def _not_found(approval_id: UUID) -> ApiError:
     return ApiError(404, f"approval {approval_id} does not exist", kind="not-found")
 
@@ -213,6 +220,7 @@ async def decide(
     approval_id: ApprovalId,
     body: DecisionRequest,
     request: Request,
+    response: Response,
     principal: Authorized,
     pool: Db,
     publisher: Broker,
@@ -246,6 +254,7 @@ async def decide(
                         title="Idempotency-Key reused",
                     )
                 [view] = await _views(conn, [row])
+                response.headers["Idempotent-Replayed"] = "true"
                 return view  # a retry: answered as the first
             raise ApiError(
                 409,
@@ -288,11 +297,8 @@ def _check_may_decide(
             kind="requester-may-not-decide",
         )
     if decision not in row["choices"]:
-        raise ApiError(
-            422,
-            f"{decision!r} is not one of the choices ({', '.join(row['choices'])})",
-            kind="invalid-request",
-        )
+        choices = ", ".join(row["choices"])
+        raise _invalid("body.decision", f"{decision!r} is not one of the choices ({choices})")
 
 
 async def _record(

@@ -144,6 +144,9 @@ def _add_pair(item: str, origin: str, entries: list[NamedToken], problems: list[
     bad = [name_problem(name, show=False)]
     if len(token) < MIN_TOKEN_LENGTH:
         bad.append(f"the token is shorter than {MIN_TOKEN_LENGTH} characters")
+    if any(c.isspace() or not c.isprintable() for c in token):
+        # `Authorization: Bearer <token>` could never carry it as given.
+        bad.append("the token holds whitespace or a control character")
     if any(bad):
         problems.append(f"{origin}: " + ", and ".join(p for p in bad if p))
         return

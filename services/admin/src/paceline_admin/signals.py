@@ -19,7 +19,7 @@ from uuid import UUID
 
 import asyncpg
 import orjson
-from fastapi import APIRouter, Body, Depends, Path
+from fastapi import APIRouter, Body, Depends, Path, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from paceline_admin import sending
@@ -135,6 +135,7 @@ async def send_signal(
     pool: Db,
     publisher: Broker,
     connection: BrokerConnection,
+    response: Response,
     idempotency_key: IdempotencyKey = None,
     body: Annotated[SignalRequest | None, Body()] = None,
 ) -> SignalAccepted:
@@ -145,7 +146,7 @@ async def send_signal(
     if idempotency_key is not None:
         existing = await _by_key(pool, instance_id, idempotency_key)
         if existing is not None:
-            return await _replay(pool, existing, digest)
+            return await _replay(pool, existing, digest, response)
     target = await pool.fetchrow(
         "SELECT status, traceparent FROM instances WHERE id = $1", instance_id
     )
@@ -187,7 +188,7 @@ async def send_signal(
                 assert idempotency_key is not None
                 existing = await _by_key(conn, instance_id, idempotency_key)
                 assert existing is not None
-                return await _replay(pool, existing, digest)
+                return await _replay(pool, existing, digest, response)
             message = OutboxMessage.of(
                 Queue.COMMANDS,
                 DeliverSignal(
@@ -217,7 +218,11 @@ async def _by_key(
     return row
 
 
-async def _replay(pool: asyncpg.Pool, row: asyncpg.Record, digest: str) -> SignalAccepted:
+async def _replay(
+    pool: asyncpg.Pool, row: asyncpg.Record, digest: str, response: Response
+) -> SignalAccepted:
+    """The answer to a retry with the same Idempotency-Key (`Idempotent-Replayed: true`, as a
+    start's); 422 when the key was used for another signal."""
     if row["request_hash"] != digest:
         raise ApiError(
             422,
@@ -225,6 +230,7 @@ async def _replay(pool: asyncpg.Pool, row: asyncpg.Record, digest: str) -> Signa
             kind="idempotency-key-reused",
             title="Idempotency-Key reused",
         )
+    response.headers["Idempotent-Replayed"] = "true"
     return SignalAccepted(signal_id=row["id"], status=await _fate(pool, row["id"]))
 
 
