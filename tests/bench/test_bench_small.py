@@ -1,4 +1,4 @@
-"""`make bench` in miniature: the tool runs both scenarios against real stacks and prints the
+"""`make bench` in miniature: the tool runs its scenarios against real stacks and prints the
 contract's JSON lines, with nothing lost and no non-restartable effect doubled. Numbers are
 not asserted here (shared machines are noisy): `make bench` is where they are read."""
 
@@ -18,7 +18,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_small_bench_prints_one_json_object_per_scenario() -> None:
     done = subprocess.run(
-        [sys.executable, str(ROOT / "deploy" / "bench.py"), "--processes", "60", "--kills", "3"],
+        [
+            sys.executable,
+            str(ROOT / "deploy" / "bench.py"),
+            "--scenarios",
+            "throughput,failover",
+            "--processes",
+            "60",
+            "--kills",
+            "3",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -39,3 +48,100 @@ def test_small_bench_prints_one_json_object_per_scenario() -> None:
     assert 0 < failover["redelivery_p50_ms"] <= failover["redelivery_p99_ms"]
     assert failover["lost"] == 0
     assert failover["duplicated_non_restartable"] == 0
+
+
+def test_small_scaling_prints_cpu_per_activity_for_every_size() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "deploy" / "bench.py"),
+            "--scenarios",
+            "scaling",
+            "--scaling-steps",
+            "2,10",
+            "--scaling-activities",
+            "40",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1, done.stdout
+    scaling = json.loads(lines[0])
+
+    assert scaling["scenario"] == "scaling"
+    processes = {"scheduler", "activity-worker", "reporting", "admin", "postgres"}
+    assert set(scaling["idle_cpu_ms_per_s"]) == processes
+    assert [size["steps"] for size in scaling["sizes"]] == [2, 10]
+    for size in scaling["sizes"]:
+        # Every instance completed, every one of its steps ran: the same work at each size.
+        assert size["completed"] == size["instances"] == 40 // size["steps"]
+        assert size["activities"] == 40
+        assert size["in_flight"] == 4  # as many as the largest size has instances
+        assert size["activities_per_s"] > 0
+        assert set(size["cpu_ms_per_activity"]) == processes
+        # /proc counts in clock ticks (10 ms): 40 activities may leave one process at 0.
+        assert all(ms >= 0 for ms in size["cpu_ms_per_activity"].values()), size
+        assert size["cpu_ms_per_activity"]["scheduler"] > 0, size
+    ratios = scaling["ratio_10_to_2"]
+    assert set(ratios) == processes
+    assert all(r is None or r >= 0 for r in ratios.values()), ratios
+
+
+def test_small_waiting_holds_waits_and_fires_every_due_timer() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "deploy" / "bench.py"),
+            "--scenarios",
+            "waiting",
+            "--waiting-instances",
+            "200",
+            "--due-timers",
+            "100",
+            "--waiting-settle-s",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1, done.stdout
+    waiting = json.loads(lines[0])
+
+    assert waiting["scenario"] == "waiting"
+    assert waiting["waiting_instances"] == 200
+    # Phase 1's waits (2 h) are all still held after phase 2.
+    assert waiting["still_waiting"] == 200
+    assert waiting["start_rate_per_s"] > 0
+    services = {"scheduler-1", "activity-worker-1", "activity-worker-2", "reporting-1", "admin-1"}
+    for moment in ("before", "warm", "after", "settled", "due", "after_timers"):
+        rss = waiting[f"rss_mib_{moment}"]
+        assert set(rss) == services | {"postgres", "postgres_backends"}, rss
+        assert all(rss[name] > 0 for name in services), rss
+    assert set(waiting["rss_growth_mib_per_10k"]) == services | {"postgres"}
+    assert isinstance(waiting["scheduler_rss_growth_mib"], float)
+
+    # Every due-timer instance fired once, after its due time, and completed.
+    assert waiting["due_timers"] == 100
+    assert waiting["timers_started_after_due"] == 0
+    assert waiting["completed"] == 100
+    assert waiting["not_ended"] == 0
+    assert waiting["lateness_values"] == 100
+    assert 0 <= waiting["lateness_p50_ms"] <= waiting["lateness_p99_ms"]
+    assert waiting["lateness_p99_ms"] <= waiting["lateness_max_ms"]
+    firing = waiting["firing"]
+    assert 0 <= firing["first_fired_after_s"] <= firing["last_fired_after_s"]
+    assert firing["outbox_due_peak"] >= 0
+    processes = {"scheduler", "activity-worker", "reporting", "admin", "postgres"}
+    for phase in (waiting["starting"], firing):
+        assert set(phase["busy"]) == processes, phase
+        assert set(phase["waiting_for_cpu"]) == processes - {"postgres"}, phase
+    assert set(waiting["starting"]["cpu_ms_per_start"]) == processes
+    assert set(firing["cpu_ms_per_timer"]) == processes
