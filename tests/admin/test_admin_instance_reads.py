@@ -193,7 +193,10 @@ async def test_history_lists_events_in_order(client: httpx.AsyncClient, pool: as
     name = unique("history")
     await create_definition(client, name, THREE_STEPS)
     instance_id = await start(client, name)
-    assert (await client.get(f"/v1/instances/{instance_id}/history")).json() == {"items": []}
+    assert (await client.get(f"/v1/instances/{instance_id}/history")).json() == {
+        "items": [],
+        "next_cursor": None,
+    }
     await pool.executemany(
         "INSERT INTO history (instance_id, kind, step, attempt, reason, data)"
         " VALUES ($1, $2, $3, $4, $5, $6::jsonb)",
@@ -208,3 +211,29 @@ async def test_history_lists_events_in_order(client: httpx.AsyncClient, pool: as
         ("activity.flagged", "b", 2, "worker-2 lost", SERVERS),
     ]
     assert events[0]["id"] < events[1]["id"] and events[0]["at"]
+
+
+async def test_the_history_pages_in_order(client: httpx.AsyncClient, pool: asyncpg.Pool) -> None:
+    name = unique("paged-history")
+    await create_definition(client, name, THREE_STEPS)
+    instance_id = await start(client, name)
+    await pool.executemany(
+        "INSERT INTO history (instance_id, kind, step, reason) VALUES ($1, 'dispatched', $2, $3)",
+        [(uuid.UUID(instance_id), f"s{i}", f"event {i}") for i in range(5)],
+    )
+    url = f"/v1/instances/{instance_id}/history"
+    everything = (await client.get(url)).json()
+    assert everything["next_cursor"] is None
+    seen: list[int] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = (await client.get(url, params=params)).json()
+        assert len(page["items"]) <= 2
+        seen += [e["id"] for e in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [e["id"] for e in everything["items"]]
+    assert len(seen) >= 5
+    assert_problem(await client.get(url, params={"cursor": "not-a-cursor"}), 422)

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,27 +17,23 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_small_bench_prints_one_json_object_per_scenario() -> None:
+def bench(*args: str, timeout: float) -> list[dict[str, Any]]:
+    """`deploy/bench.py` with `args`: the JSON objects it printed, one a line (it must exit 0)."""
     done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "deploy" / "bench.py"),
-            "--scenarios",
-            "throughput,failover",
-            "--processes",
-            "60",
-            "--kills",
-            "3",
-        ],
+        [sys.executable, str(ROOT / "deploy" / "bench.py"), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.splitlines()
-    assert len(lines) == 2, done.stdout
-    throughput, failover = (json.loads(line) for line in lines)
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_small_bench_prints_one_json_object_per_scenario() -> None:
+    throughput, failover = bench(
+        "--scenarios", "throughput,failover", "--processes", "60", "--kills", "3", timeout=600
+    )
 
     assert throughput["scenario"] == "throughput"
     assert (throughput["processes"], throughput["steps"]) == (60, 5)
@@ -51,26 +48,10 @@ def test_small_bench_prints_one_json_object_per_scenario() -> None:
 
 
 def test_small_scaling_prints_cpu_per_activity_for_every_size() -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "deploy" / "bench.py"),
-            "--scenarios",
-            "scaling",
-            "--scaling-steps",
-            "2,10",
-            "--scaling-activities",
-            "40",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    [scaling] = bench(
+        "--scenarios", "scaling", "--scaling-steps", "2,10", "--scaling-activities", "40",
         timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.splitlines()
-    assert len(lines) == 1, done.stdout
-    scaling = json.loads(lines[0])
+    )  # fmt: skip
 
     assert scaling["scenario"] == "scaling"
     processes = {"scheduler", "activity-worker", "reporting", "admin", "postgres"}
@@ -92,28 +73,10 @@ def test_small_scaling_prints_cpu_per_activity_for_every_size() -> None:
 
 
 def test_small_waiting_holds_waits_and_fires_every_due_timer() -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "deploy" / "bench.py"),
-            "--scenarios",
-            "waiting",
-            "--waiting-instances",
-            "200",
-            "--due-timers",
-            "100",
-            "--waiting-settle-s",
-            "1",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.splitlines()
-    assert len(lines) == 1, done.stdout
-    waiting = json.loads(lines[0])
+    [waiting] = bench(
+        "--scenarios", "waiting", "--waiting-instances", "200", "--due-timers", "100",
+        "--waiting-settle-s", "1", timeout=300,
+    )  # fmt: skip
 
     assert waiting["scenario"] == "waiting"
     assert waiting["waiting_instances"] == 200

@@ -100,8 +100,8 @@ def _invalid(items: list[ProblemItem]) -> ApiError:
 _BODY_DOC = {
     "requestBody": {
         "required": True,
-        "description": "A process definition (CONTRACT.md) as JSON, or YAML of the same shape "
-        "with `Content-Type: application/yaml` (or text/yaml).",
+        "description": "A process definition (docs/definitions.md) as JSON, or YAML of the same "
+        "shape with `Content-Type: application/yaml` (or text/yaml).",
         "content": {
             "application/json": {"schema": {"type": "object", "required": ["name", "steps"]}},
             "application/yaml": {"schema": {"type": "string"}},

@@ -309,7 +309,10 @@ class HistoryEvent(BaseModel):
 
 
 class InstanceHistory(BaseModel):
-    items: list[HistoryEvent] = Field(description="Every event, oldest first.")
+    items: list[HistoryEvent] = Field(description="Events, oldest first: a page.")
+    next_cursor: str | None = Field(
+        default=None, description="Pass as `cursor` for the next page; null on the last one."
+    )
 
 
 class FlaggedActivity(BaseModel):

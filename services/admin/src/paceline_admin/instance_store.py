@@ -211,15 +211,20 @@ async def outputs(
     return {r["step"]: r["output"] for r in rows[:limit]}, len(rows) > limit
 
 
-async def history(pool: asyncpg.Pool, instance_id: UUID) -> list[asyncpg.Record] | None:
-    """Every event in order, or None when there is no such instance."""
+async def history(
+    pool: asyncpg.Pool, instance_id: UUID, *, after: int, limit: int
+) -> list[asyncpg.Record] | None:
+    """Events in order, from after the event id `after` (0: the first), at most `limit`; None
+    when there is no such instance."""
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         if not await conn.fetchval("SELECT 1 FROM instances WHERE id = $1", instance_id):
             return None
         rows: list[asyncpg.Record] = await conn.fetch(
             "SELECT id, at, kind, step, attempt, reason, data FROM history"
-            " WHERE instance_id = $1 ORDER BY id",
+            " WHERE instance_id = $1 AND id > $2 ORDER BY id LIMIT $3",
             instance_id,
+            after,
+            limit,
         )
         return rows
 

@@ -39,6 +39,9 @@ from paceline_contracts.states import ActivityStatus, InstanceStatus
 
 log = logging.getLogger(__name__)
 
+HISTORY_PAGE_MAX = 10_000
+"""`GET .../history` answers at most this many events a page (and this many by default)."""
+
 MAX_EMBEDDED_ACTIVITIES = 1000
 """`GET /v1/instances/{id}` embeds at most this many activities (the first, in definition
 order); `GET /v1/instances/{id}/activities` pages through all of them."""
@@ -333,9 +336,27 @@ async def resolve_activity(
 @router.get(
     "/{instance_id}/history", response_model=InstanceHistory, responses=problem_responses(404)
 )
-async def get_instance_history(instance_id: IdParam, pool: Db) -> InstanceHistory:
-    """Every recorded event of the instance, oldest first, each with its reason."""
-    rows = await store.history(pool, instance_id)
+async def get_instance_history(
+    instance_id: IdParam,
+    pool: Db,
+    limit: Annotated[
+        int, Query(ge=1, le=HISTORY_PAGE_MAX, description="Events per page (1-10000).")
+    ] = HISTORY_PAGE_MAX,
+    cursor: Cursor = None,
+) -> InstanceHistory:
+    """The recorded events of the instance, oldest first, each with its reason: a page of at
+    most `limit` (an instance of a few thousand steps has tens of thousands)."""
+    after = 0
+    if cursor:
+        (last,) = decode_cursor(cursor, 1)
+        if not last.isdigit():
+            raise bad_cursor()
+        after = int(last)
+    rows = await store.history(pool, instance_id, after=after, limit=limit + 1)
     if rows is None:
         raise not_found(instance_id)
-    return InstanceHistory(items=[HistoryEvent(**dict(r)) for r in rows])
+    items = [HistoryEvent(**dict(r)) for r in rows[:limit]]
+    more = len(rows) > limit
+    return InstanceHistory(
+        items=items, next_cursor=encode_cursor([str(items[-1].id)]) if more else None
+    )
