@@ -19,6 +19,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from paceline_contracts.messages import ActivityError
 from paceline_contracts.states import ActivityStatus
 from paceline_engine.activity_types import ApprovalParams
@@ -42,14 +44,21 @@ TIMEOUT = "timeout"
 ESCALATE = "escalate:"
 
 
-def enter(run: Run, step: ActivityStep) -> bool:
-    """Ask for the approval. Returns True when the step failed at once (its parameters)."""
+def enter(run: Run, step: ActivityStep) -> None:
+    """Ask for the approval (the step fails at once when its parameters do not render to
+    one)."""
     try:
         rendered = step.params.render(run.context(step.params.references()))
         params = ApprovalParams.model_validate(rendered)
-    except (EvaluationError, ValueError) as exc:
-        run.fail_step(step, 1, ActivityError(kind="bad_params", message=str(exc)))
-        return True
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"with.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        run.fail_step(step, 1, ActivityError(kind="bad_params", message=problems))
+        return
+    except EvaluationError as exc:
+        run.fail_step(step, 1, ActivityError(kind="expression", message=str(exc)))
+        return
     due_at = None if params.timeout is None else run.now + timedelta(seconds=params.timeout)
     run.state.activities[step.id] = ActivityState(
         type=step.type,
@@ -92,7 +101,6 @@ def enter(run: Run, step: ActivityStep) -> bool:
         step.id,
         1,
     )
-    return False
 
 
 def _open(run: Run, step: str, attempt: int, what: str) -> ActivityState | None:

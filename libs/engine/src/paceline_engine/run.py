@@ -14,21 +14,16 @@ the activities it names (state.py, `NotLoaded`).
 
 from __future__ import annotations
 
-from collections import deque
 from datetime import datetime, timedelta
 from typing import Any
 
 from paceline_contracts.messages import ActivityError
 from paceline_contracts.states import ActivityStatus, ErrorKind, InstanceStatus
-from paceline_engine import approvals, waits
-from paceline_engine.activity_types import ACTIVITY_TYPES, SCHEDULER_TYPES
+from paceline_engine import approvals, progress, waits
+from paceline_engine.activity_types import ACTIVITY_TYPES
 from paceline_engine.definitions import (
     ActivityStep,
-    ConditionStep,
     Definition,
-    ParallelStep,
-    Step,
-    WaitStep,
 )
 from paceline_engine.events import (
     AnswerClaim,
@@ -44,6 +39,7 @@ from paceline_engine.events import (
 )
 from paceline_engine.expressions import EvaluationError
 from paceline_engine.layout import layout_of
+from paceline_engine.progress import ACTIVE, DONE
 from paceline_engine.state import (
     MAX_CRASHES_KEPT,
     ActivityState,
@@ -54,10 +50,6 @@ from paceline_engine.state import (
     InstanceState,
     NotLoaded,
 )
-
-DONE = (ActivityStatus.COMPLETED, ActivityStatus.SKIPPED)
-ACTIVE = (InstanceStatus.RUNNING, InstanceStatus.FLAGGED, InstanceStatus.WAITING)
-"""Started, not final, not cancelling: steps still move on."""
 
 
 class Transition:
@@ -96,7 +88,7 @@ class Run:
         self.definition = definition
         self.layout = layout_of(definition)
         self.state = state.copy_for_transition()
-        self._before = {step: a.status for step, a in self.state.activities.items()}
+        self.before = {step: a.status for step, a in self.state.activities.items()}
         """The status of each activity held when the transition began, for `count`."""
         self.now = now
         self.policy = policy
@@ -104,7 +96,7 @@ class Run:
         self.history: list[HistoryEntry] = []
         self.changed: set[str] = set()
         self.failure: ActivityError | None = None
-        self._moved_on: set[str] = set()
+        self.moved_on: set[str] = set()
         """Finished activities this transition has already moved on from."""
 
     def note(
@@ -131,7 +123,7 @@ class Run:
     def count(self, status: ActivityStatus) -> int:
         """How many activities are in `status` now, held or not: the stored count, corrected
         by what this transition changed in the activities it holds."""
-        before = sum(1 for s in self._before.values() if s is status)
+        before = sum(1 for s in self.before.values() if s is status)
         now = sum(1 for a in self.state.activities.values() if a.status is status)
         return self.state.counts.get(status.value, 0) - before + now
 
@@ -491,160 +483,18 @@ class Run:
     def count_open(self) -> int:
         return sum(self.count(s) for s in ActivityStatus if not s.is_final)
 
-    # --- moving on -----------------------------------------------------------------------------
+    # --- moving on (progress.py) --------------------------------------------------------------
 
     def advance(self) -> None:
-        """Move on from every activity this transition finished: enter what comes next, join
-        parallel steps, complete the instance at the end of its steps; fail it when an
-        activity failed. Calling it again does nothing more."""
-        if self.state.status not in ACTIVE:
-            return
-        ended = sorted(
-            (step for step in self.changed if self._ended_now(step)), key=self.layout.position
-        )
-        work: deque[tuple[str, str | Step]] = deque()
-        for step in ended:
-            self._moved_on.add(step)
-            activity = self.state.activities[step]
-            if activity.status not in DONE:
-                self.failure = self.failure or activity.error
-                self._fail()
-                return
-            work.append(("after", step))
-        self._run(work)
-
-    def _ended_now(self, step: str) -> bool:
-        """The activity of `step` reached a final status in this transition and nothing has
-        moved on from it yet."""
-        activity = self.state.activities.get(step)
-        before = self._before.get(step)
-        return (
-            step not in self._moved_on
-            and activity is not None
-            and activity.status.is_final
-            and not (before is not None and before.is_final)
-        )
+        """Move on from every activity this transition finished (progress.py)."""
+        progress.advance(self)
 
     def begin(self) -> None:
-        """Enter the first step of the definition (or complete an empty one)."""
-        work: deque[tuple[str, str | Step]] = deque()
-        if self.definition.steps:
-            work.append(("enter", self.definition.steps[0]))
-        else:
-            work.append(("end", ""))
-        self._run(work)
+        """Enter the first step of the definition (progress.py)."""
+        progress.begin(self)
 
-    def _run(self, work: deque[tuple[str, str | Step]]) -> None:
-        # A work list, not recursion: a long run of empty branches costs no Python frames.
-        while work:
-            if self.state.status.is_final:
-                return
-            what, target = work.popleft()
-            if what == "enter":
-                assert not isinstance(target, str)
-                self._enter(target, work)
-            elif what == "after":
-                assert isinstance(target, str)
-                self._after(target, work)
-            else:
-                self._complete()
-
-    def _after(self, step_id: str, work: deque[tuple[str, str | Step]]) -> None:
-        """`step_id` finished: its sequence goes on, or ends and its owner hears of it."""
-        place = self.layout.place(step_id)
-        if place.index + 1 < len(place.sequence):
-            work.append(("enter", place.sequence[place.index + 1]))
-            return
-        self._sequence_ended(place.owner, work)
-
-    def _sequence_ended(self, owner: str | None, work: deque[tuple[str, str | Step]]) -> None:
-        if owner is None:
-            work.append(("end", ""))
-            return
-        container = self.definition.step_index()[owner]
-        if isinstance(container, ConditionStep):
-            self.state.branches.pop(owner, None)
-            work.append(("after", owner))
-            return
-        assert isinstance(container, ParallelStep)
-        counted = self.state.joins.get(owner)
-        if counted is None:
-            # Every parallel step is counted when entered (and carried-over instances by
-            # `paceline-scheduler migrate`): without a count, joining would be a guess.
-            raise RuntimeError(
-                f"parallel step {owner!r} is in progress but has no count of its branches: "
-                "was the process database upgraded with `paceline-scheduler migrate`?"
-            )
-        if counted > 1:
-            self.state.joins[owner] = counted - 1
-            return
-        self.state.joins.pop(owner, None)
-        work.append(("after", owner))
-
-    def _enter(self, step: Step, work: deque[tuple[str, str | Step]]) -> None:
-        if isinstance(step, ActivityStep):
-            if step.id in self.state.activities:
-                return  # entered already (a complete state can tell)
-            if step.type in SCHEDULER_TYPES:
-                if approvals.enter(self, step):
-                    self._moved_on.add(step.id)
-                    self.failure = self.failure or self.state.activities[step.id].error
-                    self._fail()
-                return
-            self.dispatch(step, 1, None, "its turn came")
-            activity = self.state.activities[step.id]
-            if activity.status.is_final:  # its parameters could not be evaluated
-                self._moved_on.add(step.id)
-                self.failure = self.failure or activity.error
-                self._fail()
-            return
-        if isinstance(step, WaitStep):
-            if step.id in self.state.activities:
-                return
-            if waits.enter(self, step):
-                activity = self.state.activities[step.id]
-                self._moved_on.add(step.id)
-                if activity.status in DONE:
-                    work.append(("after", step.id))
-                else:
-                    self.failure = self.failure or activity.error
-                    self._fail()
-            return
-        if isinstance(step, ConditionStep):
-            try:
-                taken = bool(step.condition.evaluate(self.context(step.condition.references())))
-            except EvaluationError as exc:
-                self.failure = ActivityError(kind="expression", message=f"{step.id}.if: {exc}")
-                self._fail()
-                return
-            self.note(
-                HistoryKind.BRANCH,
-                f"'{step.condition.source}' is {taken}: took {'then' if taken else 'else'}",
-                step.id,
-            )
-            branch = step.then if taken else step.otherwise
-            if not branch:
-                work.append(("after", step.id))
-                return
-            self.state.branches[step.id] = taken
-            work.append(("enter", branch[0]))
-            return
-        branches = [b for b in step.branches if b]
-        if not branches:
-            work.append(("after", step.id))
-            return
-        self.state.joins[step.id] = len(branches)
-        work.extend(("enter", b[0]) for b in branches)
-
-    def _complete(self) -> None:
-        self.finish(
-            InstanceStatus.COMPLETED,
-            None,
-            HistoryKind.INSTANCE_COMPLETED,
-            "every step finished",
-        )
-
-    def _fail(self) -> None:
+    def fail(self) -> None:
+        """The instance fails, with the failure found (or a generic one)."""
         error = self.failure or ActivityError(kind="failed", message="a step failed")
         self.finish(
             InstanceStatus.FAILED,

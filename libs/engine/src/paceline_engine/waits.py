@@ -46,9 +46,9 @@ WAIT_TYPE = "wait"
 """The activity type of a wait step's activity."""
 
 
-def enter(run: Run, step: WaitStep) -> bool:
-    """Start the wait: WAITING, with its due time. Returns True when it ended at once (a
-    buffered signal took it, or its `until` could not be evaluated: failed)."""
+def enter(run: Run, step: WaitStep) -> None:
+    """Start the wait: WAITING, with its due time. It may end at once: a buffered signal
+    takes it, or its `until` cannot be evaluated (failed)."""
     due_at: datetime | None
     if step.signal is not None:
         kind = "signal"
@@ -61,7 +61,7 @@ def enter(run: Run, step: WaitStep) -> bool:
             due_at = _until(run, step)
         except (EvaluationError, ValueError) as exc:
             run.fail_wait(step.id, ActivityError(kind="expression", message=f"until: {exc}"))
-            return True
+            return
     activity = ActivityState(
         type=WAIT_TYPE,
         status=ActivityStatus.WAITING,
@@ -76,10 +76,9 @@ def enter(run: Run, step: WaitStep) -> bool:
     until = f", due at {due_at.isoformat(timespec='milliseconds')}" if due_at else ""
     run.note(HistoryKind.WAITING, f"waiting for {what}{until}", step.id, 1)
     if step.signal is not None and _take_buffered(run, step, activity):
-        return True
+        return
     if due_at is not None:
         run.decisions.append(SetTimer(step.id, 1, due_at))
-    return False
 
 
 def _until(run: Run, step: WaitStep) -> datetime:
