@@ -21,3 +21,7 @@ def setup_logging(server_id: str, level: str = "INFO") -> None:
     # dead transport (ChannelInvalidStateError): expected then, and our own consume callbacks
     # handle their errors themselves.
     logging.getLogger("aio_pika.tools").setLevel(logging.CRITICAL)
+    # httpx logs every request at INFO with its whole URL: userinfo and query strings carry
+    # secrets (an http.request step's URL is the author's). The worker reports outcomes itself.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
