@@ -4,6 +4,7 @@ stored in a PostgreSQL jsonb column (which the JSON grammar alone does not promi
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 from datetime import date, datetime
 from typing import Any
@@ -126,3 +127,9 @@ def as_json_document(value: Any, path: str = "") -> tuple[Any, list[ProblemItem]
         return walker.walk(value, path, 0), walker.problems
     except _TooMany:
         return None, [ProblemItem(path=path or "body", message=f"more than {MAX_VALUES} values")]
+
+
+def digest(value: Any) -> str:
+    """sha256 of `value`'s canonical JSON (keys sorted): what tells a retry with an
+    Idempotency-Key from a different request that reuses it."""
+    return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()

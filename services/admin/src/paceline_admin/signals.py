@@ -10,7 +10,6 @@ when no scheduler has decided yet (one will: the command is durable).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import uuid
 from datetime import datetime
@@ -24,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from paceline_admin import sending
 from paceline_admin.auth import Authorized, require_token
-from paceline_admin.documents import as_json_document
+from paceline_admin.documents import as_json_document, digest
 from paceline_admin.instances import IdempotencyKey, IdParam, not_found
 from paceline_admin.problems import ApiError, ProblemItem, problem_responses, summarize
 from paceline_admin.resources import Broker, BrokerConnection, Db
@@ -117,11 +116,6 @@ def _storable(payload: dict[str, Any]) -> dict[str, Any]:
     return stored
 
 
-def _hash(name: str, payload: dict[str, Any]) -> str:
-    canonical = orjson.dumps({"name": name, "payload": payload}, option=orjson.OPT_SORT_KEYS)
-    return hashlib.sha256(canonical).hexdigest()
-
-
 @router.post(
     "/{instance_id}/signals/{name}",
     status_code=202,
@@ -142,11 +136,11 @@ async def send_signal(
     """Send a signal to the instance's `wait` steps for `name`. Answered once it is
     committed; a retry with the same `Idempotency-Key` answers as the first did."""
     payload = _storable((body or SignalRequest()).payload)
-    digest = _hash(name, payload)
+    request_digest = digest({"name": name, "payload": payload})
     if idempotency_key is not None:
         existing = await _by_key(pool, instance_id, idempotency_key)
         if existing is not None:
-            return await _replay(pool, existing, digest, response)
+            return await _replay(pool, existing, request_digest, response)
     target = await pool.fetchrow(
         "SELECT status, traceparent FROM instances WHERE id = $1", instance_id
     )
@@ -182,13 +176,13 @@ async def send_signal(
                 payload,
                 principal,
                 idempotency_key,
-                digest,
+                request_digest,
             )
             if row is None:  # a retry with the same key committed while this one waited
                 assert idempotency_key is not None
                 existing = await _by_key(conn, instance_id, idempotency_key)
                 assert existing is not None
-                return await _replay(pool, existing, digest, response)
+                return await _replay(pool, existing, request_digest, response)
             message = OutboxMessage.of(
                 Queue.COMMANDS,
                 DeliverSignal(
@@ -219,11 +213,11 @@ async def _by_key(
 
 
 async def _replay(
-    pool: asyncpg.Pool, row: asyncpg.Record, digest: str, response: Response
+    pool: asyncpg.Pool, row: asyncpg.Record, request_digest: str, response: Response
 ) -> SignalAccepted:
     """The answer to a retry with the same Idempotency-Key (`Idempotent-Replayed: true`, as a
     start's); 422 when the key was used for another signal."""
-    if row["request_hash"] != digest:
+    if row["request_hash"] != request_digest:
         raise ApiError(
             422,
             "this Idempotency-Key was already used for a different signal",

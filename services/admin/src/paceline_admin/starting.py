@@ -3,16 +3,14 @@ transaction (the outbox), then publish the command. An Idempotency-Key makes ret
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import uuid
 from typing import Any
 
 import asyncpg
-import orjson
 
 from paceline_admin import definition_store, instance_store, sending
-from paceline_admin.documents import as_json_document
+from paceline_admin.documents import as_json_document, digest
 from paceline_admin.instance_models import StartedInstance, StartInstanceRequest
 from paceline_admin.parsed import parsed
 from paceline_admin.problems import ApiError, ProblemItem, summarize
@@ -31,11 +29,7 @@ log = logging.getLogger(__name__)
 def request_hash(definition: str, version: int, inputs: Any) -> str:
     """sha256 of the canonical JSON of what the request asks for, to tell a retry from a
     different request that reuses an Idempotency-Key."""
-    canonical = orjson.dumps(
-        {"definition": definition, "version": version, "inputs": inputs},
-        option=orjson.OPT_SORT_KEYS,
-    )
-    return hashlib.sha256(canonical).hexdigest()
+    return digest({"definition": definition, "version": version, "inputs": inputs})
 
 
 def _replay(row: asyncpg.Record, request: StartInstanceRequest, inputs: Any) -> StartedInstance:
