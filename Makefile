@@ -23,7 +23,8 @@ lint: install
 	$(RUN) ruff check .
 	$(RUN) ruff format --check .
 	$(RUN) mypy libs/contracts/src libs/engine/src libs/infra/src services/scheduler/src \
-		services/activity-worker/src services/reporting/src services/admin/src
+		services/activity-worker/src services/reporting/src services/admin/src \
+		clients/cli/src
 
 # Integration tests mostly wait on real processes: a few files run side by side (each file on
 # one worker, so a file's stacks and private services stay together). TEST_WORKERS=0: in series.

@@ -1,0 +1,1 @@
+"""The `paceline` command line: a client of the admin API (never imports a service)."""
