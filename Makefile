@@ -47,5 +47,14 @@ bench: install services
 chaos: install services
 	$(RUN) python deploy/chaos.py $(CHAOS_ARGS)
 
+# The stack in containers, with Grafana, Tempo, Loki, Prometheus and a collector
+# (deploy/compose/, docs/observability.md); a clear error where no container engine answers.
+# make down keeps the data; make down DOWN_ARGS=--volumes deletes it.
+up:
+	bash deploy/compose/up.sh $(UP_ARGS)
+
+down:
+	bash deploy/compose/down.sh $(DOWN_ARGS)
+
 clean:
 	rm -rf .paceline .venv

@@ -36,6 +36,7 @@ class Sink:
         self._posts: Counter[str] = Counter()
         self._arrivals: dict[str, list[float]] = {}
         self._gets = 0
+        self._headers: dict[str, list[dict[str, str]]] = {}
         self._lock = threading.Lock()
         self._server = _QuietServer(("127.0.0.1", 0), self._handler())
         # Held requests of a killed worker must not keep the run from ending.
@@ -68,6 +69,11 @@ class Sink:
         with self._lock:
             return list(self._arrivals.get(path, ()))
 
+    def headers(self, path: str) -> list[dict[str, str]]:
+        """The headers of each request to `path` (names in lowercase), in order."""
+        with self._lock:
+            return list(self._headers.get(path, ()))
+
     def gets(self) -> int:
         with self._lock:
             return self._gets
@@ -98,6 +104,10 @@ class Sink:
                 length = int(self.headers.get("Content-Length") or 0)
                 if length:
                     self.rfile.read(length)
+                with sink._lock:
+                    sink._headers.setdefault(url.path, []).append(
+                        {k.lower(): v for k, v in self.headers.items()}
+                    )
                 count = sink._record(method, url.path)
                 query = parse_qs(url.query)
                 hold = float(query.get("hold", ["0"])[0])

@@ -189,7 +189,11 @@ async def test_unknown_definitions_and_versions_are_404(client: httpx.AsyncClien
     assert_problem(await client.get(f"/v1/definitions/{unique('unknown')}"), 404)
     assert_problem(await client.get(f"/v1/definitions/{name}/versions/2"), 404)
     assert_problem(await client.get(f"/v1/definitions/{name}/versions/99999999999"), 422)
-    assert_problem(await client.get("/v1/definitions", params={"cursor": "garbage!"}), 422)
+    for cursor in ("nul\x00", "x" * 1025):  # a name's cursor is the last name: any other text
+        bad_cursor = assert_problem(
+            await client.get("/v1/definitions", params={"cursor": cursor}), 422
+        )
+        assert [e["path"] for e in bad_cursor["errors"]] == ["query.cursor"]
     assert_problem(await client.get("/v1/definitions", params={"limit": 501}), 422)
 
 
@@ -326,3 +330,55 @@ async def test_healthz_answers_while_a_large_definition_is_validated(
     assert validating, f"the create ended first, after {rounds} validations"
     assert (await create).status_code == 201
     assert rounds < 200
+
+
+async def test_what_the_schema_refuses_the_parser_is_made_to_refuse(
+    client: httpx.AsyncClient,
+) -> None:
+    """The published schema's few rules the engine's parser does not check itself, and a type
+    the parser would crash on, are 422 problems at their place like any other."""
+    name = unique("shape")
+    definition: dict[str, Any] = {
+        "name": name + "\n",
+        "description": 5,
+        "inputs": {"x\n": {"type": "string"}, "y": {"type": "string", "description": []}},
+        "steps": [
+            {"id": "a\n", "type": ["noop"]},
+            {"id": "b", "type": {"noop": 1}, "description": None},
+            {"id": "c", "if": "true", "then": [{"id": "d\n", "type": "noop"}]},
+            {"id": "e", "wait": {"signal": "go\n", "timeout": "none"}},
+        ],
+    }
+    problem = assert_problem(await client.post("/v1/definitions", json=definition), 422)
+    assert problem["type"].endswith("invalid-definition")
+    errors = {e["path"]: e["message"] for e in problem["errors"]}
+    assert errors == {
+        "name": "must not end with a line break",
+        "description": "a string",
+        "inputs.x\n": "must not end with a line break",
+        "inputs.y.description": "a string",
+        "steps[0].id": "must not end with a line break",
+        "steps[0].type": errors["steps[0].type"],
+        "steps[1].type": errors["steps[1].type"],
+        "steps[1].description": "a string",
+        "steps[2].then[0].id": "must not end with a line break",
+        "steps[3].wait.signal": "must not end with a line break",
+    }
+    assert "unknown activity type" in errors["steps[0].type"]
+    assert '["noop"]' in errors["steps[0].type"]
+    assert (await client.get(f"/v1/definitions/{name}")).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "value",
+    [-9223372036854775809, 9223372036854775808, 1e20, -1e300],
+    ids=["below int64", "above int64", "1e20", "-1e300"],
+)
+async def test_a_whole_number_past_64_bits_is_refused_however_written(
+    client: httpx.AsyncClient, value: int | float
+) -> None:
+    definition = {"name": unique("big"), "steps": [noop("a", n=value)]}
+    problem = assert_problem(await client.post("/v1/definitions", json=definition), 422)
+    assert problem["errors"] == [
+        {"path": "steps[0].with.n", "message": "an integer outside the 64-bit range"}
+    ]

@@ -233,6 +233,17 @@ async def test_bad_decisions_are_422_and_send_nothing(
     assert [e["path"] for e in (await refused({"action": "retry", "output": None}))["errors"]] == [
         "output"
     ]
+    for body in (
+        {"action": "skip", "force": False},
+        {"action": "fail", "force": True},
+        {"action": "skip", "output": {}, "force": False},
+    ):
+        problem = await refused(body)
+        assert [e["path"] for e in problem["errors"]] == ["force"]
+        assert "only `retry`" in problem["detail"]
+    assert [e["path"] for e in (await refused({"action": "skip", "output": None}))["errors"]] == [
+        "output"
+    ]
     bad_action = await refused({"action": "restart"})
     assert [e["path"] for e in bad_action["errors"]] == ["action"]
     assert "'retry', 'skip' or 'fail'" in bad_action["errors"][0]["message"]

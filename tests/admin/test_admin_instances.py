@@ -39,7 +39,10 @@ async def test_start_records_a_pending_instance_and_sends_its_command(
 
     [message] = await drain(commands)
     assert body_of(message) == {"type": "instance.start", "v": 1, "instance_id": started["id"]}
-    assert message.headers["traceparent"] == row["traceparent"]
+    # In the instance's trace: carried by its own producer span, a child of the stored root.
+    sent = message.headers["traceparent"].split("-")
+    assert sent[1] == started["trace_id"]
+    assert sent[2] != row["traceparent"].split("-")[2]
 
 
 async def test_started_by_names_the_caller_and_a_version_can_be_chosen(
@@ -170,3 +173,25 @@ async def test_a_key_reused_for_another_request_is_refused(
         headers={"Idempotency-Key": "k" * 201},
     )
     assert_problem(bad_key, 422)
+
+
+async def test_a_start_is_typed_as_strictly_as_its_schema_says(
+    client: httpx.AsyncClient, commands: AbstractQueue
+) -> None:
+    name = unique("strict")
+    await create_definition(client, name)
+    for version in (True, "1", 1.5, 0, 2**31):
+        refused = await client.post(
+            "/v1/instances", json={"definition": name, "version": version, "inputs": {"host": "h"}}
+        )
+        assert [e["path"] for e in assert_problem(refused, 422)["errors"]] == ["version"]
+    for inputs in ([], "host=h", None):
+        refused = await client.post("/v1/instances", json={"definition": name, "inputs": inputs})
+        assert [e["path"] for e in assert_problem(refused, 422)["errors"]] == ["inputs"]
+    assert await drain(commands, settle_s=0.05) == []
+    # One number in JSON (and in JSON Schema) however written: 1.0 is the version 1.
+    started = await client.post(
+        "/v1/instances", json={"definition": name, "version": 1.0, "inputs": {"host": "h"}}
+    )
+    assert started.status_code == 202, started.text
+    assert started.json()["version"] == 1

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 from admin_support import assert_problem, create_definition, unique
+
+from paceline_admin.settings import MAX_BODY_BYTES
 
 JSON = {"Content-Type": "application/json"}
 YAML = {"Content-Type": "application/yaml"}
@@ -43,6 +46,8 @@ GARBAGE: list[tuple[bytes, dict[str, str]]] = [
         "/v1/instances",
         "/v1/instances/00000000-0000-4000-8000-000000000000/activities/a/resolve",
         "/v1/instances/00000000-0000-4000-8000-000000000000/cancel",
+        "/v1/instances/00000000-0000-4000-8000-000000000000/signals/go",
+        "/v1/approvals/00000000-0000-4000-8000-000000000000/decision",
     ],
 )
 async def test_garbage_bodies_get_a_4xx_problem(
@@ -51,7 +56,9 @@ async def test_garbage_bodies_get_a_4xx_problem(
     # The client raises on an app exception, so a crash fails this test too.
     response = await client.post(path, content=body, headers=headers)
     assert 400 <= response.status_code < 500, response.text
-    assert_problem(response, response.status_code)
+    problem = assert_problem(response, response.status_code)
+    if response.status_code == 400:
+        assert problem["type"] == "urn:paceline:problem:malformed-body"
 
 
 async def test_inputs_that_cannot_be_stored_are_422(client: httpx.AsyncClient) -> None:
@@ -69,15 +76,43 @@ async def test_inputs_that_cannot_be_stored_are_422(client: httpx.AsyncClient) -
         assert assert_problem(response, 422)["errors"][0]["path"].startswith("inputs.o")
 
 
-async def test_bodies_over_one_mebibyte_are_413(client: httpx.AsyncClient) -> None:
-    big = b'{"name": "' + b"x" * (1024 * 1024) + b'"}'
-    for path in ("/v1/definitions", "/v1/instances", "/v1/instances/x/activities/a/resolve"):
-        assert_problem(await client.post(path, content=big, headers=JSON), 413)
+async def test_bodies_over_one_mebibyte_are_413_problems(
+    client: httpx.AsyncClient, anon: httpx.AsyncClient
+) -> None:
+    def too_large(response: httpx.Response) -> None:
+        problem = assert_problem(response, 413)
+        assert problem["type"] == "urn:paceline:problem:body-too-large"
+        assert problem["detail"] == f"the request body is larger than {MAX_BODY_BYTES} bytes"
+
+    big = b'{"name": "' + b"x" * MAX_BODY_BYTES + b'"}'
+    paths = ("/v1/definitions", "/v1/instances", "/v1/instances/x/activities/a/resolve")
+    for path in paths:  # declared by Content-Length: refused before the route reads it
+        too_large(await client.post(path, content=big, headers=JSON))
 
     async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
         for _ in range(20):
             yield b" " * 65536
 
-    response = await client.post("/v1/definitions", content=chunks(), headers=JSON)
-    assert_problem(response, 413)
+    for path in (*paths, f"/v1/instances/{uuid.uuid4()}/cancel"):
+        too_large(await client.post(path, content=chunks(), headers=JSON))
+    # A declared size over the limit is refused whatever the route, and before the token.
+    too_large(await client.request("GET", "/v1/servers", content=big))
+    too_large(await anon.post("/v1/definitions", content=big, headers=JSON))
     assert (await client.post("/v1/definitions", content=b" " * 1000 + b"{}")).status_code == 422
+
+
+async def test_a_method_a_path_does_not_take_is_405_naming_every_one_it_takes(
+    client: httpx.AsyncClient,
+) -> None:
+    for method, path, allowed in [
+        ("OPTIONS", "/v1/instances", "GET, POST"),
+        ("DELETE", "/v1/definitions", "GET, POST"),
+        ("PUT", "/v1/servers/s-1", "DELETE"),
+        ("GET", f"/v1/instances/{uuid.uuid4()}/cancel", "POST"),
+        ("POST", "/healthz", "GET"),
+    ]:
+        response = await client.request(method, path)
+        problem = assert_problem(response, 405)
+        assert response.headers["Allow"] == allowed
+        assert problem["type"] == "about:blank"
+        assert allowed in problem["detail"]

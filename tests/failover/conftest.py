@@ -122,7 +122,8 @@ async def first_held_effects() -> AsyncIterator[Sink]:
 @pytest.fixture
 async def make_stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
     """`await make_stack(workers=[{env}, ...])` -> (stack, api client); on a private broker
-    and/or database server (deploy/private_services.py) when given, else the machine's. The
+    and/or database server (deploy/private_services.py) when given, else the machine's; `extra_env`
+    adds variables to every service. The
     client calls as `admin`; `as_principal` makes a request one of `OPERATORS`."""
     made: list[tuple[StackEnv, Stack, StackApi]] = []
 
@@ -131,7 +132,9 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
         *,
         broker: PrivateRabbitMQ | None = None,
         database: PrivatePostgres | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> tuple[Stack, httpx.AsyncClient]:
+        extra = extra_env or {}
         env = StackEnv.fresh(
             "pltest",
             amqp_url=broker.url if broker else AMQP_URL,
@@ -139,7 +142,9 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
             server_url=database.url if database else DATABASE_URL,
             principals=OPERATORS,
         )
-        stack = Stack(env={**env.variables(), **FAST_LIVENESS}, log_dir=tmp_path / env.namespace)
+        stack = Stack(
+            env={**env.variables(), **FAST_LIVENESS, **extra}, log_dir=tmp_path / env.namespace
+        )
         stack.migrate()
         stack.add("scheduler")
         for worker_env in workers if workers is not None else [{}, {}]:

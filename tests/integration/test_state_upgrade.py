@@ -35,7 +35,7 @@ from paceline_contracts.queues import Queue
 from paceline_contracts.states import ActivityStatus
 from paceline_engine.definitions import parse_definition
 from paceline_engine.state import ActivityState
-from paceline_infra import db
+from paceline_infra import db, telemetry
 from paceline_infra.amqp import Publisher
 from paceline_infra.outbox import OutboxMessage
 from stack import Stack
@@ -228,7 +228,8 @@ async def _publish_old_message(env: StackEnv, instance_id: uuid.UUID, trace_id: 
     connection = await aio_pika.connect_robust(env.amqp_url)
     try:
         publisher = await Publisher.open(connection, env.namespace)
-        await publisher.publish(OutboxMessage.of(Queue.ACTIVITIES, task, headers).outgoing())
+        message = OutboxMessage.of(Queue.ACTIVITIES, task, context=telemetry.extract(headers))
+        await publisher.publish(message.outgoing())
     finally:
         await connection.close()
 

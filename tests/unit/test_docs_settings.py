@@ -3,7 +3,8 @@
 A setting is a field of a settings class (a pydantic-settings `BaseSettings` subclass defined in
 a `settings.py` of a library or a service, or in a script under `deploy/`), read from the
 environment variable of its class's `env_prefix` and its name; or a `PACELINE_*` name that the
-code under `libs/`, `services/` and `deploy/` (Python, shell, the Makefile) reads some other way.
+code under `libs/`, `services/`, `clients/` and `deploy/` (Python, shell, the Makefile) reads
+some other way.
 Each must appear as a code span in a table row of docs/settings.md.
 """
 
@@ -33,7 +34,11 @@ def settings_modules() -> list[str]:
     and each deploy script that subclasses BaseSettings (deploy/ is on the test path)."""
     found = [
         f"{path.parent.name}.settings"
-        for pattern in ("libs/*/src/*/settings.py", "services/*/src/*/settings.py")
+        for pattern in (
+            "libs/*/src/*/settings.py",
+            "services/*/src/*/settings.py",
+            "clients/*/src/*/settings.py",
+        )
         for path in sorted(ROOT.glob(pattern))
     ]
     found += [
@@ -70,7 +75,15 @@ def names_in_code() -> dict[str, str]:
     """Every PACELINE_* name in the code, with a file that holds it."""
     files = [
         path
-        for pattern in ("libs/**/*.py", "services/**/*.py", "deploy/*.py", "deploy/*.sh")
+        for pattern in (
+            "libs/**/*.py",
+            "services/**/*.py",
+            "clients/**/*.py",
+            "deploy/*.py",
+            "deploy/*.sh",
+            "deploy/compose/*.sh",
+            "deploy/compose/*.yaml",
+        )
         for path in ROOT.glob(pattern)
         if "__pycache__" not in path.parts
     ]

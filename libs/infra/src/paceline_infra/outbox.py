@@ -20,9 +20,11 @@ from datetime import datetime
 
 import asyncpg
 import orjson
+from opentelemetry.context import Context
 from pydantic import BaseModel
 
 from paceline_contracts.queues import Destination, destination
+from paceline_infra import telemetry
 from paceline_infra.amqp import Outgoing, Publisher
 
 log = logging.getLogger(__name__)
@@ -46,14 +48,30 @@ class OutboxMessage:
         cls,
         queue: Destination,
         message: BaseModel,
-        headers: Mapping[str, str] | None = None,
         not_before: datetime | None = None,
+        *,
+        context: Context | None = None,
     ) -> OutboxMessage:
+        """The message, with a PRODUCER span (child of `context`, default the current span)
+        whose context it carries to its consumer."""
+        message_id = uuid.uuid4()
+        message_type = str(getattr(message, "type", ""))
+        instance_id = getattr(message, "instance_id", None)
+        headers = telemetry.produced(
+            queue.value,
+            str(message_id),
+            context=context,
+            attributes={
+                "paceline.message.type": message_type,
+                **({"paceline.instance_id": str(instance_id)} if instance_id else {}),
+            },
+        )
         return cls(
             queue,
             message.model_dump_json().encode(),
-            str(getattr(message, "type", "")),
-            headers or {},
+            message_type,
+            headers,
+            id=message_id,
             not_before=not_before,
         )
 

@@ -113,12 +113,23 @@ class Claimer:
             delivery_count=delivery_count,
             wants_reply=wants_reply,
         )
+        message_id = uuid.uuid4().hex
         return Outgoing(
             Queue.CLAIMS,
             claim.model_dump_json().encode(),
             claim.type,
-            uuid.uuid4().hex,
-            telemetry.inject(),
+            message_id,
+            telemetry.produced(
+                Queue.CLAIMS.value,
+                message_id,
+                conversation_id=correlation_id,
+                attributes={
+                    "paceline.instance_id": str(task.instance_id),
+                    "paceline.step": task.step,
+                    "paceline.attempt": task.attempt,
+                    "paceline.server": self._server_id,
+                },
+            ),
             reply_to=self._reply_to if wants_reply else None,
             correlation_id=correlation_id,
         )

@@ -60,6 +60,9 @@ _STOP_WAIT_S = 20.0
 """How long a drain waits for stopped activities to report, after their grace deadline."""
 
 
+_ERROR_STATUSES = {ActivityStatus.FAILED, ActivityStatus.TIMED_OUT, ActivityStatus.INTERRUPTED}
+
+
 @dataclass(slots=True, eq=False)  # compared and hashed by identity: one per delivery
 class _InFlight:
     task: ActivityTask
@@ -181,13 +184,16 @@ class ActivityRunner:
             deliveries=deliveries,
             server_id=self._server_id,
         )
+        message_id = uuid.uuid4().hex
         await self._publisher.publish(
             Outgoing(
                 Queue.RESULTS,
                 notice.model_dump_json().encode(),
                 notice.type,
-                uuid.uuid4().hex,
-                telemetry.inject(telemetry.extract(message.headers)),
+                message_id,
+                telemetry.produced(
+                    Queue.RESULTS.value, message_id, context=telemetry.extract(message.headers)
+                ),
             )
         )
         await self._publisher.dead_letter(
@@ -222,83 +228,55 @@ class ActivityRunner:
         self, flight: _InFlight, headers: Any
     ) -> tuple[AttemptKey, Outgoing] | None:
         """Claim when the rule asks for it, then run; None when there is nothing to run
-        here (refused, or joined to the same attempt already running or done here)."""
+        here (refused, or joined to the same attempt already running or done here).
+
+        Two spans: `process <queue>` (receipt and claim) ends before the activity starts,
+        so it is exported even if this worker is killed while the activity runs (the
+        scheduler then draws the lost attempt); `activity <type>` covers the run itself."""
         task = flight.task
+        known = {**telemetry.carried(headers), **self._attributes(task, task.attempt)}
         with telemetry.tracer().start_as_current_span(
-            f"run {task.activity_type}",
+            f"process {flight.source.value}",
             context=telemetry.extract(headers),
             kind=trace.SpanKind.CONSUMER,
             attributes={
-                "paceline.instance_id": str(task.instance_id),
-                "paceline.step": task.step,
-                "paceline.attempt": task.attempt,
-                "paceline.restartable": task.restartable,
-                "paceline.server_id": self._server_id,
+                **telemetry.messaging(
+                    "process", flight.source.value, flight.deliveries[0].message_id
+                ),
+                **known,
                 "messaging.rabbitmq.redelivered": flight.redelivered,
+                "paceline.delivery_count": flight.delivery_count,
             },
         ) as span:
-            attempt = task.attempt
-            if (cancel := self.cancellations.get(task.instance_id)) is not None:
-                span.add_event("not started: its instance was cancelled", {"by": cancel.by})
-                return (task.instance_id, task.step, attempt), self._dropped(task, cancel)
-            if not task.restartable or flight.redelivered or task.isolated:
-                # Only the scheduler knows what happened to this attempt since this copy was
-                # sent (restarted elsewhere? flagged?): ask, and run what it grants.
-                reply = await self._claimer.claim(
-                    task, redelivered=flight.redelivered, delivery_count=flight.delivery_count
-                )
-                span.add_event("claim answered", {"granted": reply.granted, "reason": reply.reason})
-                if not reply.granted:
-                    log.info(
-                        "not running %s/%s attempt %d: %s",
-                        task.instance_id,
-                        task.step,
-                        task.attempt,
-                        reply.reason,
-                    )
-                    if reply.quarantine:
-                        for delivery in flight.deliveries:
-                            await self._publisher.dead_letter(
-                                flight.source,
-                                delivery,
-                                f"crash budget exhausted: {reply.reason}",
-                            )
-                    else:
-                        await self._ack(flight.deliveries)
-                    return None
-                attempt = reply.attempt
-                key = (task.instance_id, task.step, attempt)
-                if (running := self._running.get(key)) is not None:
-                    running.deliveries.extend(flight.deliveries)
-                    return None
-                if (result := self._finished.get(key)) is not None:
-                    await self._settle(flight.deliveries, result)
-                    return None
-            else:
-                key = (task.instance_id, task.step, attempt)
-                # Confirmed by the broker before anything runs: if this worker dies, the
-                # scheduler learns who held the attempt (but no answer is awaited).
-                await self._claimer.notify(task)
-                if _channel_closed(flight.deliveries[0]):
-                    # A delivery read after its connection died (e.g. buffered while this
-                    # worker was frozen): the broker has handed it to another worker already.
-                    log.info(
-                        "not running %s/%s attempt %d: its delivery's channel closed",
-                        task.instance_id,
-                        task.step,
-                        attempt,
-                    )
-                    return None
-            if (cancel := self.cancellations.get(task.instance_id)) is not None:
-                # Claimed (or noticed) before the cancel reached this worker: not started.
-                span.add_event("not started: its instance was cancelled", {"by": cancel.by})
-                return key, self._dropped(task, cancel, attempt)
+            claimed = await self._claim(flight, span)
+            if claimed is None or isinstance(claimed[1], Outgoing):
+                return claimed
+            key, attempt = claimed
             self._running[key] = flight
-            span.set_attribute("paceline.attempt.run", attempt)
             flight.started = True
+            activity_context = trace.set_span_in_context(span)
+        with telemetry.tracer().start_as_current_span(
+            f"activity {task.activity_type}",
+            context=activity_context,
+            attributes={**known, "paceline.attempt": attempt},
+        ) as span:
             started_at = datetime.now(UTC)
             status, output, error = await self._execute(flight)
             span.set_attribute("paceline.activity.status", status.value)
+            if status in _ERROR_STATUSES:
+                # The kind only: an error's message may quote a command's stderr.
+                kind = error.kind if error is not None else status.value
+                telemetry.fail(span, str(kind), f"{status.value}: {kind}")
+                log.info(
+                    "%s/%s attempt %d ended %s (%s)",
+                    task.instance_id,
+                    task.step,
+                    attempt,
+                    status.value,
+                    kind,
+                )
+                if error is not None and error.outcome_unknown:
+                    span.set_attribute("paceline.outcome_unknown", True)
             cancel = self.cancellations.get(task.instance_id)
             report = ActivityResult(
                 instance_id=task.instance_id,
@@ -313,6 +291,84 @@ class ActivityRunner:
                 cancelled_by=cancel.by if cancel and status is ActivityStatus.CANCELLED else None,
             )
             return key, self._outgoing(report)
+
+    def _attributes(self, task: ActivityTask, attempt: int) -> dict[str, Any]:
+        return {
+            "paceline.instance_id": str(task.instance_id),
+            "paceline.step": task.step,
+            "paceline.attempt": attempt,
+            "paceline.activity.type": task.activity_type,
+            "paceline.restartable": task.restartable,
+            "paceline.server": self._server_id,
+        }
+
+    async def _claim(
+        self, flight: _InFlight, span: trace.Span
+    ) -> tuple[AttemptKey, int] | tuple[AttemptKey, Outgoing] | None:
+        """The attempt to run (its key and number); a report to send instead (not started:
+        cancelled); None when there is nothing to do here."""
+        task = flight.task
+        attempt = task.attempt
+        if (cancel := self.cancellations.get(task.instance_id)) is not None:
+            span.add_event("not started: its instance was cancelled", {"paceline.by": cancel.by})
+            return (task.instance_id, task.step, attempt), self._dropped(task, cancel)
+        if not task.restartable or flight.redelivered or task.isolated:
+            # Only the scheduler knows what happened to this attempt since this copy was
+            # sent (restarted elsewhere? flagged?): ask, and run what it grants.
+            reply = await self._claimer.claim(
+                task, redelivered=flight.redelivered, delivery_count=flight.delivery_count
+            )
+            span.add_event(
+                "claim answered",
+                {"paceline.granted": reply.granted, "paceline.reason": reply.reason},
+            )
+            if not reply.granted:
+                log.info(
+                    "not running %s/%s attempt %d: %s",
+                    task.instance_id,
+                    task.step,
+                    task.attempt,
+                    reply.reason,
+                )
+                if reply.quarantine:
+                    for delivery in flight.deliveries:
+                        await self._publisher.dead_letter(
+                            flight.source,
+                            delivery,
+                            f"crash budget exhausted: {reply.reason}",
+                        )
+                else:
+                    await self._ack(flight.deliveries)
+                return None
+            attempt = reply.attempt
+            span.set_attribute("paceline.attempt", attempt)
+            key = (task.instance_id, task.step, attempt)
+            if (running := self._running.get(key)) is not None:
+                running.deliveries.extend(flight.deliveries)
+                return None
+            if (result := self._finished.get(key)) is not None:
+                await self._settle(flight.deliveries, result)
+                return None
+        else:
+            key = (task.instance_id, task.step, attempt)
+            # Confirmed by the broker before anything runs: if this worker dies, the
+            # scheduler learns who held the attempt (but no answer is awaited).
+            await self._claimer.notify(task)
+            if _channel_closed(flight.deliveries[0]):
+                # A delivery read after its connection died (e.g. buffered while this
+                # worker was frozen): the broker has handed it to another worker already.
+                log.info(
+                    "not running %s/%s attempt %d: its delivery's channel closed",
+                    task.instance_id,
+                    task.step,
+                    attempt,
+                )
+                return None
+        if (cancel := self.cancellations.get(task.instance_id)) is not None:
+            # Claimed (or noticed) before the cancel reached this worker: not started.
+            span.add_event("not started: its instance was cancelled", {"paceline.by": cancel.by})
+            return key, self._dropped(task, cancel, attempt)
+        return key, attempt
 
     def _dropped(
         self, task: ActivityTask, cancel: InstanceCancelled, attempt: int | None = None
@@ -342,12 +398,13 @@ class ActivityRunner:
         return self._outgoing(report)
 
     def _outgoing(self, report: ActivityResult) -> Outgoing:
+        message_id = uuid.uuid4().hex
         return Outgoing(
             Queue.RESULTS,
             report.model_dump_json().encode(),
             report.type,
-            uuid.uuid4().hex,
-            telemetry.inject(),
+            message_id,
+            telemetry.produced(Queue.RESULTS.value, message_id),
         )
 
     async def _adapter(self, task: ActivityTask) -> Any:

@@ -12,6 +12,7 @@ from paceline_contracts.states import ServerStatus
 from paceline_infra import amqp, telemetry
 from paceline_infra.identity import ServerIdentity
 from paceline_infra.presence import Presence
+from paceline_worker import http_tracing
 from paceline_worker.claims import Claimer
 from paceline_worker.runner import ActivityRunner, RunnerConfig
 from paceline_worker.settings import WorkerSettings
@@ -23,7 +24,7 @@ async def serve(settings: WorkerSettings, identity: ServerIdentity, stop: asynci
     provider = telemetry.setup_tracing(identity, settings)
     connection = await amqp.connect(settings, identity.id)
     try:
-        async with httpx.AsyncClient() as http:
+        async with http_tracing.instrument(httpx.AsyncClient()) as http:
             publisher = await amqp.Publisher.open(connection, settings.namespace)
             claimer = Claimer(identity.id, publisher)
             await claimer.open(connection, settings.namespace)

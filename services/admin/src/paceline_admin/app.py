@@ -14,14 +14,16 @@ from paceline_admin import (
     definitions,
     flags,
     health,
+    http_telemetry,
     instance_activities,
     instances,
+    openapi_doc,
     problems,
     servers,
     signals,
 )
 from paceline_admin.auth import token_first
-from paceline_admin.body_limit import BodyLimit
+from paceline_admin.body_limit import LimitedApp
 from paceline_admin.presence import present
 from paceline_admin.resources import open_resources
 from paceline_admin.settings import MAX_BODY_BYTES, AdminSettings
@@ -70,17 +72,18 @@ def create_app(settings: AdminSettings, identity: ServerIdentity | None = None) 
             app.state.presence = presence
             yield
 
-    app = FastAPI(
+    app = LimitedApp(
         title="Paceline admin API",
         version="1",
         description=DESCRIPTION,
         lifespan=lifespan,
         redoc_url=None,
+        max_body_size=MAX_BODY_BYTES,
+        telemetry=http_telemetry.config(),
     )
     app.state.settings = settings
     app.state.identity = identity
     app.state.stop = stop
-    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     problems.install(app, on_validation=token_first(problems.on_validation_error))
     app.include_router(health.router)
     app.include_router(definitions.router)
@@ -95,7 +98,7 @@ def create_app(settings: AdminSettings, identity: ServerIdentity | None = None) 
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = problems.fix_openapi_media_types(default_openapi())
+            app.openapi_schema = openapi_doc.complete(default_openapi())
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

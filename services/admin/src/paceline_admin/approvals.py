@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -21,8 +22,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from paceline_admin import sending
 from paceline_admin.auth import Authorized, require_token
+from paceline_admin.filters import chosen, one_of
 from paceline_admin.instances import IdempotencyKey
-from paceline_admin.paging import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor
+from paceline_admin.paging import (
+    TIME_ID_CURSOR,
+    Limit,
+    cursor_id,
+    cursor_parts,
+    cursor_query,
+    cursor_time,
+    encode_cursor,
+)
 from paceline_admin.params import Text
 from paceline_admin.principals import Principals
 from paceline_admin.problems import ApiError, ProblemItem, problem_responses
@@ -31,10 +41,21 @@ from paceline_contracts.messages import DecideApproval
 from paceline_contracts.queues import Queue
 from paceline_infra import outbox
 from paceline_infra.outbox import OutboxMessage
+from paceline_infra.telemetry import in_instance
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("PENDING", "DECIDED", "EXPIRED", "CANCELLED")
+
+class ApprovalStatus(StrEnum):
+    PENDING = "PENDING"
+    DECIDED = "DECIDED"
+    EXPIRED = "EXPIRED"
+    CANCELLED = "CANCELLED"
+
+
+StatusFilter = Annotated[
+    Annotated[str, one_of(ApprovalStatus)] | None, Query(description="Only this status.")
+]
 
 ApprovalId = Annotated[UUID, Path(description="The approval id.")]
 
@@ -82,10 +103,12 @@ class ApprovalPage(BaseModel):
 
 
 class DecisionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    decision: str = Field(min_length=1, max_length=200, description="One of the `choices`.")
-    comment: str | None = Field(default=None, max_length=2000)
+    decision: str = Field(
+        min_length=1, max_length=200, pattern=r"^[^\x00]+$", description="One of the `choices`."
+    )
+    comment: str | None = Field(default=None, max_length=2000, pattern=r"^[^\x00]*$")
 
 
 _COLUMNS = """
@@ -133,10 +156,8 @@ async def list_approvals(
     request: Request,
     pool: Db,
     limit: Limit = 50,
-    cursor: Cursor = None,
-    status: Annotated[
-        str | None, Query(description="PENDING, DECIDED, EXPIRED or CANCELLED.")
-    ] = None,
+    cursor: Annotated[str | None, cursor_query(TIME_ID_CURSOR)] = None,
+    status: StatusFilter = None,
     approver: Annotated[
         str | None,
         Query(description="Only those this principal may decide (directly or by a group)."),
@@ -153,20 +174,16 @@ async def list_approvals(
 
     where: list[str] = []
     if status is not None:
-        if status.upper() not in STATUSES:
-            raise _invalid("query.status", f"{status!r} is not one of {', '.join(STATUSES)}")
-        where.append(f"a.status = {arg(status.upper())}")
+        (wanted,) = chosen(status, ApprovalStatus, "status")
+        where.append(f"a.status = {arg(wanted)}")
     if approver is not None:
         who = [approver, *(f"group:{g}" for g in _principals(request).groups_of(approver))]
         where.append(f"a.approvers && {arg(who)}::text[]")
     if definition is not None:
         where.append(f"a.definition = {arg(definition)}")
     if cursor:
-        at, last = decode_cursor(cursor, 2)
-        try:
-            key = (datetime.fromisoformat(at), UUID(last))
-        except ValueError as exc:
-            raise bad_cursor() from exc
+        at, last = cursor_parts(cursor, 2)
+        key = (cursor_time(at), cursor_id(last))
         where.append(f"(a.created_at, a.id) > ({arg(key[0])}::timestamptz, {arg(key[1])}::uuid)")
     # Only placeholders are interpolated; every value travels as a parameter.
     sql = (
@@ -180,7 +197,7 @@ async def list_approvals(
     return ApprovalPage(
         items=items,
         next_cursor=(
-            encode_cursor([last_item.created_at.isoformat(), str(last_item.id)])
+            encode_cursor(last_item.created_at, last_item.id)
             if last_item is not None and len(rows) > limit
             else None
         ),
@@ -214,7 +231,7 @@ async def get_approval(approval_id: ApprovalId, pool: Db) -> ApprovalView:
 @router.post(
     "/{approval_id}/decision",
     response_model=ApprovalView,
-    responses=problem_responses(403, 404, 409),
+    responses=problem_responses(400, 403, 404, 409, 413),
 )
 async def decide(
     approval_id: ApprovalId,
@@ -336,18 +353,31 @@ async def _record(
             voters if body.decision == approving else [principal],
             at,
         )
-    message = OutboxMessage.of(
-        Queue.COMMANDS,
-        DecideApproval(
-            instance_id=row["instance_id"],
-            approval_id=row["id"],
-            step=row["step"],
-            attempt=row["attempt"],
-            by=principal,
-            decision=body.decision,
-            comment=body.comment,
-            decided_at=at,
-        ),
+    traceparent = await conn.fetchval(
+        "SELECT traceparent FROM instances WHERE id = $1", row["instance_id"]
     )
+    # In the instance's own trace, so that the decision shows up in it.
+    with in_instance(
+        "decide approval",
+        traceparent,
+        {
+            "paceline.instance_id": str(row["instance_id"]),
+            "paceline.step": row["step"],
+            "paceline.by": principal,
+        },
+    ):
+        message = OutboxMessage.of(
+            Queue.COMMANDS,
+            DecideApproval(
+                instance_id=row["instance_id"],
+                approval_id=row["id"],
+                step=row["step"],
+                attempt=row["attempt"],
+                by=principal,
+                decision=body.decision,
+                comment=body.comment,
+                decided_at=at,
+            ),
+        )
     await outbox.stage(conn, [message])
     return message

@@ -1,27 +1,30 @@
-"""Refuse request bodies over a size limit with 413, whether declared or streamed."""
+"""The request body limit: the framework's (FastAPI's `max_body_size`, on Starlette's
+`RequestBodyLimitMiddleware`), with the project's problem on every 413.
+
+The framework refuses a body over the limit in two ways, and only one of them reaches the
+app's exception handlers:
+
+- a body counted as it arrives (chunked, or longer than its `Content-Length` says) raises a
+  413 `HTTPException` where the route reads it: `problems` answers it as `body-too-large`;
+- a body whose `Content-Length` declares more is answered by the framework itself, with a
+  plain-text `413 Content Too Large` that replaces whatever the app answered (no handler sees
+  it). `ProblemsFor413` replaces that answer, on its way out, with the same problem.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+from fastapi import FastAPI
 from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from paceline_admin.problems import problem_response
+from paceline_admin.problems import PROBLEM_JSON, body_too_large
 
 
-def _too_large(limit: int) -> str:
-    return f"the request body is larger than {limit} bytes"
-
-
-class BodyTooLarge(HTTPException):
-    """An HTTPException so that FastAPI passes it through body reading to the 413 handler."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, _too_large(limit))
-
-
-class BodyLimit:
-    """Pure ASGI middleware: no buffering, and it sees the body before any route reads it."""
+class ProblemsFor413:
+    """Pure ASGI: a 413 that is not a problem already (the framework's plain text) goes out
+    as the `body-too-large` problem. Nothing else is touched, and nothing is buffered."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -31,21 +34,39 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            response = problem_response(413, _too_large(self.max_bytes), kind="body-too-large")
-            await response(scope, receive, send)
-            return
-        received = 0
+        replaced = False
 
-        async def limited() -> Message:
-            # A body without (or lying about) Content-Length is counted as it arrives.
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
-            return message
+        async def send_problem(message: Message) -> None:
+            nonlocal replaced
+            if message["type"] == "http.response.start" and message["status"] == 413:
+                media = Headers(raw=list(message.get("headers", []))).get("content-type")
+                if media != PROBLEM_JSON:
+                    replaced = True
+                    problem = body_too_large(self.max_bytes)
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": 413,
+                            "headers": problem.raw_headers,
+                        }
+                    )
+                    await send({"type": "http.response.body", "body": problem.body})
+                    return
+            if replaced:
+                return  # the rest of the framework's plain-text answer
+            await send(message)
 
-        await self.app(scope, limited, send)
+        await self.app(scope, receive, send_problem)
+
+
+class LimitedApp(FastAPI):
+    """FastAPI with its `max_body_size` (required here), and every 413 a problem: the stack the
+    framework builds, `ProblemsFor413` around it (outermost, where the framework's own 413
+    goes out)."""
+
+    def __init__(self, *, max_body_size: int, **kwargs: Any) -> None:
+        super().__init__(max_body_size=max_body_size, **kwargs)
+        self.body_limit = max_body_size
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return ProblemsFor413(super().build_middleware_stack(), self.body_limit)

@@ -29,7 +29,7 @@ from paceline_contracts.states import ActivityStatus, InstanceStatus
 from paceline_infra import db, outbox
 from paceline_infra.amqp import Publisher
 from paceline_infra.outbox import OutboxMessage
-from paceline_infra.telemetry import extract, inject, tracer
+from paceline_infra.telemetry import in_instance
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +145,11 @@ async def _record(
     request was recorded first (it committed while this one waited), that one."""
     reason = reason or DEFAULT_REASON
     # In the instance's own trace, so that the cancel shows up in it.
-    with tracer().start_as_current_span(
+    with in_instance(
         "cancel instance",
-        context=extract({"traceparent": traceparent}) if traceparent else None,
-        attributes={"paceline.instance_id": str(instance_id), "paceline.by": by},
+        traceparent,
+        {"paceline.instance_id": str(instance_id), "paceline.by": by},
     ):
-        headers = inject()
         async with pool.acquire() as conn, conn.transaction():
             row = await request_store.insert_cancel(conn, instance_id, by=by, reason=reason)
             if row is None:
@@ -161,17 +160,15 @@ async def _record(
                 OutboxMessage.of(
                     Queue.COMMANDS,
                     CancelInstance(instance_id=instance_id, reason=reason, by=by),
-                    headers=headers,
                 ),
                 OutboxMessage.of(
                     Stream.CANCELLATIONS,
                     InstanceCancelled(instance_id=instance_id, by=by, at=row["requested_at"]),
-                    headers=headers,
                 ),
             ]
             await outbox.stage(conn, messages)
         await sending.flush(pool, publisher, messages, f"cancel of {instance_id}")
-    log.info("cancel of %s requested by %s: %s", instance_id, by, reason)
+        log.info("cancel of %s requested by %s: %s", instance_id, by, reason)
     return _info(row)
 
 

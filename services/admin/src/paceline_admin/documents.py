@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import math
 from datetime import date, datetime
 from typing import Any
@@ -42,9 +43,18 @@ async def parse_body(body: bytes, content_type: str | None) -> Any:
             f"send application/json or application/yaml, not {media}",
             kind="unsupported-media-type",
         )
+    return await asyncio.to_thread(_load_json, body)
+
+
+def _load_json(body: bytes) -> Any:
+    # The standard library's parser, not orjson: it keeps every integer exact, where orjson
+    # reads one past 64 bits as a float (-9223372036854775809 would become -2**63, in range).
+    # Its leniencies (NaN, lone surrogates) come out as values `as_json_document` refuses.
     try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+        return json.loads(body)
+    except RecursionError as exc:
+        raise ApiError(400, "the body is nested too deeply", kind="malformed-body") from exc
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8 (nor -16, -32)
         raise ApiError(400, f"the body is not valid JSON: {exc}", kind="malformed-body") from exc
 
 
@@ -93,6 +103,9 @@ class _Walker:
         if isinstance(value, float):
             if not math.isfinite(value):
                 self.problem(path, "NaN and infinity are not JSON numbers")
+            elif value.is_integer() and not _INT64[0] <= value <= _INT64[1]:
+                # A whole number is one whatever its spelling (1e20 is 100000000000000000000).
+                self.problem(path, "an integer outside the 64-bit range")
             return value
         if isinstance(value, str):
             if why := _unstorable(value):

@@ -14,7 +14,15 @@ from paceline_admin.activities import flag_view
 from paceline_admin.auth import require_token
 from paceline_admin.holders import LostAfter, Servers
 from paceline_admin.instance_models import FlaggedActivity, FlagPage
-from paceline_admin.paging import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor
+from paceline_admin.paging import (
+    FLAG_CURSOR,
+    Limit,
+    cursor_id,
+    cursor_parts,
+    cursor_query,
+    cursor_time,
+    encode_cursor,
+)
 from paceline_admin.params import Text
 from paceline_admin.problems import problem_responses
 from paceline_admin.resources import Db
@@ -28,11 +36,8 @@ router = APIRouter(
 
 
 def _after(cursor: str) -> tuple[datetime, UUID, str]:
-    at, instance_id, step = decode_cursor(cursor, 3)
-    try:
-        return datetime.fromisoformat(at), UUID(instance_id), step
-    except ValueError as exc:
-        raise bad_cursor() from exc
+    at, instance_id, step = cursor_parts(cursor, 3)
+    return cursor_time(at), cursor_id(instance_id), step
 
 
 def _item(row: Any, servers: Servers) -> FlaggedActivity:
@@ -55,7 +60,7 @@ async def list_flags(
     pool: Db,
     lost_after_s: LostAfter,
     limit: Limit = 50,
-    cursor: Cursor = None,
+    cursor: Annotated[str | None, cursor_query(FLAG_CURSOR)] = None,
     definition: Annotated[str | None, Query(description="Only this definition."), Text] = None,
 ) -> FlagPage:
     """Every activity that waits for an operator: the INTERRUPTED activities of FLAGGED
@@ -77,7 +82,5 @@ async def list_flags(
     next_cursor = None
     if len(rows) > limit:
         last = rows[limit - 1]
-        next_cursor = encode_cursor(
-            [last["flagged_at"].isoformat(), str(last["instance_id"]), last["step"]]
-        )
+        next_cursor = encode_cursor(last["flagged_at"], last["instance_id"], last["step"])
     return FlagPage(items=items, next_cursor=next_cursor)

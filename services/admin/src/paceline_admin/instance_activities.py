@@ -6,19 +6,27 @@ thousands of steps is read here, in definition order, filtered by status.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
 
 from paceline_admin import holders
 from paceline_admin import instance_store as store
 from paceline_admin.activities import activity_views
 from paceline_admin.auth import require_token
+from paceline_admin.filters import chosen, several_of
 from paceline_admin.holders import LostAfter
 from paceline_admin.instance_models import ActivityPage
-from paceline_admin.instances import IdParam, StatusFilter, not_found, statuses
-from paceline_admin.paging import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor
+from paceline_admin.instances import IdParam, not_found
+from paceline_admin.paging import POSITION_CURSOR, Limit, cursor_parts, cursor_query, encode_cursor
 from paceline_admin.problems import problem_responses
 from paceline_admin.resources import Db
 from paceline_contracts.states import ActivityStatus
+
+StatusFilter = Annotated[
+    list[Annotated[str, several_of(ActivityStatus)]] | None,
+    Query(description="Only these statuses: repeat the parameter or separate them with commas."),
+]
 
 router = APIRouter(
     prefix="/v1/instances",
@@ -29,11 +37,8 @@ router = APIRouter(
 
 
 def _after(cursor: str) -> tuple[int, str]:
-    position, step = decode_cursor(cursor, 2)
-    try:
-        return int(position), step
-    except ValueError as exc:
-        raise bad_cursor() from exc
+    position, step = cursor_parts(cursor, 2)
+    return int(position), step
 
 
 @router.get(
@@ -44,12 +49,12 @@ async def list_activities(
     pool: Db,
     lost_after_s: LostAfter,
     limit: Limit = 100,
-    cursor: Cursor = None,
+    cursor: Annotated[str | None, cursor_query(POSITION_CURSOR)] = None,
     status: StatusFilter = None,
 ) -> ActivityPage:
     """The instance's activities in definition order (activities stored before positions
     were recorded come last, by step id), optionally only those in the given statuses."""
-    wanted = statuses(status or [], ActivityStatus)
+    wanted = chosen(status, ActivityStatus, "status")
     after = _after(cursor) if cursor else None
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         if await store.current_status(conn, instance_id) is None:
@@ -68,7 +73,7 @@ async def list_activities(
     return ActivityPage(
         items=activity_views(instance_id, activities, None, servers),
         next_cursor=(
-            encode_cursor([str(last["position"]), last["step"]])
+            encode_cursor(last["position"], last["step"])
             if last is not None and len(rows) > limit
             else None
         ),

@@ -6,9 +6,18 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
-from paceline_admin.params import MAX_VERSION, Text
+from paceline_admin.params import Text, Version
+from paceline_admin.schemas import refer
 from paceline_contracts.messages import ActivityError
 from paceline_contracts.states import ActivityStatus, InstanceStatus, ServerStatus
 
@@ -17,20 +26,19 @@ CancelReason = StringConstraints(min_length=1, max_length=1000, pattern=r"^[^\x0
 
 
 class StartInstanceRequest(BaseModel):
-    """What to start. Unknown fields are refused."""
+    """What to start. Unknown fields are refused, and so is a value of another JSON type (a
+    version of `"1"`, `1.5` or `true`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     definition: Annotated[str, Text] = Field(description="The definition's name.")
-    version: int | None = Field(
-        default=None,
-        ge=1,
-        le=MAX_VERSION,
-        description="The version to run; the latest when omitted.",
+    version: Version | None = Field(
+        default=None, description="The version to run; the latest when omitted (or null)."
     )
-    inputs: dict[str, Any] = Field(
-        default_factory=dict, description="Input values; defaults fill the rest."
-    )
+    inputs: Annotated[
+        dict[str, Any],
+        refer("Inputs"),
+    ] = Field(default_factory=dict)
 
 
 class StartedInstance(BaseModel):
@@ -265,7 +273,7 @@ class InstancePage(BaseModel):
 class CancelRequestBody(BaseModel):
     """Why the instance is cancelled (optional). Unknown fields are refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     reason: Annotated[str, CancelReason] | None = Field(
         default=None,
@@ -338,25 +346,63 @@ class FlagPage(BaseModel):
     )
 
 
-class ResolveRequest(BaseModel):
-    """An operator's decision on a flagged activity. Unknown fields are refused."""
+TAKES = {"retry": ("force",), "skip": ("output",), "fail": ()}
+"""What each action of a resolve takes besides `action`."""
 
-    model_config = ConfigDict(extra="forbid")
+
+def _one_shape_per_action(schema: dict[str, Any]) -> None:
+    """The schema of a resolve is one object shape per action, each with only its fields."""
+    fields = schema.pop("properties")
+    for key in ("type", "required", "additionalProperties"):
+        schema.pop(key, None)
+    schema["oneOf"] = [
+        {
+            "type": "object",
+            "title": action,
+            "properties": {
+                "action": {"const": action, "description": fields["action"]["description"]},
+                **{name: fields[name] for name in takes},
+            },
+            "required": ["action"],
+            "additionalProperties": False,
+        }
+        for action, takes in TAKES.items()
+    ]
+
+
+class ResolveRequest(BaseModel):
+    """An operator's decision on a flagged activity: `output` only with `skip`, `force` only
+    with `retry`. Unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_one_shape_per_action)
 
     action: Literal["retry", "skip", "fail"] = Field(
         description="`retry`: run it again as a new attempt; `skip`: mark it SKIPPED (done) with "
         "`output`; `fail`: fail the activity, and with it the instance."
     )
-    output: dict[str, Any] | None = Field(
-        default=None,
-        description="Only with `skip`: the output later steps see (`{}` when omitted).",
-    )
-    force: StrictBool = Field(
+    output: Annotated[
+        dict[str, Any],
+        refer("JsonObject", "The output later steps see (`{}` when omitted)."),
+    ] = Field(default_factory=dict)
+    force: bool = Field(
         default=False,
-        description="Only with `retry`: retry even though the server that held the attempt has "
-        "been alive since the flag (`flag.holder.may_still_finish`), so the original attempt "
-        "may still finish and the activity may run twice.",
+        description="Retry even though the server that held the attempt has been alive since "
+        "the flag (`flag.holder.may_still_finish`), so the original attempt may still finish "
+        "and the activity may run twice.",
     )
+
+    @field_validator("output", "force")
+    @classmethod
+    def _taken_by_the_action(cls, value: Any, info: ValidationInfo) -> Any:
+        action = info.data.get("action")
+        if action is not None and info.field_name not in TAKES[action]:
+            taker = next(a for a, takes in TAKES.items() if info.field_name in takes)
+            raise PydanticCustomError(
+                "not_with_action",
+                "only `{taker}` takes `{field}`, not `{action}`",
+                {"taker": taker, "field": info.field_name, "action": action},
+            )
+        return value
 
 
 class ResolveAccepted(BaseModel):

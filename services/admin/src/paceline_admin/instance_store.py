@@ -179,7 +179,8 @@ async def activity_page(
         where.append(f"status = ANY({arg(list(statuses))}::text[])")
     key = f"coalesce(position, {UNPLACED})"
     if after is not None:
-        where.append(f"({key}, step) > ({arg(after[0])}::int, {arg(after[1])}::text)")
+        # bigint: a cursor may name any position of 10 digits, past every integer column.
+        where.append(f"({key}, step) > ({arg(after[0])}::bigint, {arg(after[1])}::text)")
     # Only placeholders and constants are interpolated; every value travels as a parameter.
     sql = (
         f"SELECT step, {key} AS position, state FROM activities"  # noqa: S608 (placeholders only)

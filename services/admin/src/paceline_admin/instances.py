@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from enum import StrEnum
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -15,6 +14,7 @@ from paceline_admin import cancelling, holders, resolving, starting
 from paceline_admin import instance_store as store
 from paceline_admin.activities import activity_views
 from paceline_admin.auth import Authorized, require_token
+from paceline_admin.filters import chosen, several_of
 from paceline_admin.holders import LostAfter
 from paceline_admin.instance_models import (
     CancelAccepted,
@@ -31,9 +31,18 @@ from paceline_admin.instance_models import (
     StartInstanceRequest,
     WaitView,
 )
-from paceline_admin.paging import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor
+from paceline_admin.paging import (
+    EVENT_CURSOR,
+    TIME_ID_CURSOR,
+    Limit,
+    cursor_id,
+    cursor_parts,
+    cursor_query,
+    cursor_time,
+    encode_cursor,
+)
 from paceline_admin.params import Text
-from paceline_admin.problems import ApiError, ProblemItem, problem_responses
+from paceline_admin.problems import ApiError, problem_responses
 from paceline_admin.resources import Broker, BrokerConnection, Db
 from paceline_contracts.states import ActivityStatus, InstanceStatus
 
@@ -62,7 +71,7 @@ IdempotencyKey = Annotated[
 StepParam = Annotated[str, Path(description="The step id of the activity."), Text]
 
 StatusFilter = Annotated[
-    list[str] | None,
+    list[Annotated[str, several_of(InstanceStatus)]] | None,
     Query(description="Only these statuses: repeat the parameter or separate them with commas."),
 ]
 
@@ -109,46 +118,23 @@ async def start_instance(
     return started
 
 
-def statuses(raw: list[str], kind: type[StrEnum] = InstanceStatus) -> list[str]:
-    """`?status=A&status=B` and `?status=A,B` both work; every one not in `kind` is reported."""
-    values = [v.strip() for item in raw for v in item.split(",") if v.strip()]
-    known = [s.value for s in kind]
-    bad = [
-        ProblemItem(path="query.status", message=f"{v!r} is not one of {', '.join(known)}")
-        for v in values
-        if v.upper() not in known
-    ]
-    if bad:
-        raise ApiError(
-            422,
-            "unknown status in the filter",
-            kind="invalid-request",
-            title="Invalid request",
-            errors=bad,
-        )
-    return [v.upper() for v in values]
-
-
 def _after(cursor: str) -> tuple[datetime, UUID]:
-    at, last_id = decode_cursor(cursor, 2)
-    try:
-        return datetime.fromisoformat(at), UUID(last_id)
-    except ValueError as exc:
-        raise bad_cursor() from exc
+    at, last_id = cursor_parts(cursor, 2)
+    return cursor_time(at), cursor_id(last_id)
 
 
 @router.get("", response_model=InstancePage)
 async def list_instances(
     pool: Db,
     limit: Limit = 50,
-    cursor: Cursor = None,
+    cursor: Annotated[str | None, cursor_query(TIME_ID_CURSOR)] = None,
     status: StatusFilter = None,
     definition: Annotated[str | None, Query(description="Only this definition."), Text] = None,
 ) -> InstancePage:
     """Instances, newest first, a page at a time."""
     rows = await store.page(
         pool,
-        statuses=statuses(status or []),
+        statuses=chosen(status, InstanceStatus, "status"),
         definition=definition,
         after=_after(cursor) if cursor else None,
         limit=limit + 1,
@@ -156,9 +142,7 @@ async def list_instances(
     items = [InstanceSummary(**dict(r)) for r in rows[:limit]]
     last = items[-1] if items else None
     next_cursor = (
-        encode_cursor([last.created_at.isoformat(), str(last.id)])
-        if last is not None and len(rows) > limit
-        else None
+        encode_cursor(last.created_at, last.id) if last is not None and len(rows) > limit else None
     )
     return InstancePage(items=items, next_cursor=next_cursor)
 
@@ -342,21 +326,14 @@ async def get_instance_history(
     limit: Annotated[
         int, Query(ge=1, le=HISTORY_PAGE_MAX, description="Events per page (1-10000).")
     ] = HISTORY_PAGE_MAX,
-    cursor: Cursor = None,
+    cursor: Annotated[str | None, cursor_query(EVENT_CURSOR)] = None,
 ) -> InstanceHistory:
     """The recorded events of the instance, oldest first, each with its reason: a page of at
     most `limit` (an instance of a few thousand steps has tens of thousands)."""
-    after = 0
-    if cursor:
-        (last,) = decode_cursor(cursor, 1)
-        if not last.isdigit():
-            raise bad_cursor()
-        after = int(last)
+    after = int(cursor) if cursor else 0
     rows = await store.history(pool, instance_id, after=after, limit=limit + 1)
     if rows is None:
         raise not_found(instance_id)
     items = [HistoryEvent(**dict(r)) for r in rows[:limit]]
     more = len(rows) > limit
-    return InstanceHistory(
-        items=items, next_cursor=encode_cursor([str(items[-1].id)]) if more else None
-    )
+    return InstanceHistory(items=items, next_cursor=encode_cursor(items[-1].id) if more else None)

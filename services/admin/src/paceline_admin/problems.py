@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from paceline_infra import db
 
@@ -151,14 +152,49 @@ async def _on_api_error(_: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
+def body_too_large(max_bytes: int) -> Response:
+    """The answer to a request whose body is over the limit (`body_limit`)."""
+    return problem_response(
+        413, f"the request body is larger than {max_bytes} bytes", kind="body-too-large"
+    )
+
+
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route takes on the request's path, as the router itself matches
+    them (Starlette's own 405 names only those of the first route that matches the path)."""
+    allowed = []
+    for method in METHODS:
+        probe = {
+            "type": "http",
+            "method": method,
+            "path": request.scope["path"],
+            "root_path": request.scope.get("root_path", ""),
+        }
+        if any(route.matches(probe)[0] is Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return allowed
+
+
 async def _on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     detail = str(exc.detail)
+    headers = dict(exc.headers or {})
     if exc.status_code == 404 and detail == _phrase(404):
         detail = f"no route matches {request.method} {request.url.path}"
     elif exc.status_code == 405:
-        detail = f"{request.method} is not allowed on {request.url.path}"
-    return problem_response(exc.status_code, detail, headers=exc.headers)
+        allowed = allowed_methods(request)
+        headers["Allow"] = ", ".join(allowed)
+        detail = f"{request.method} is not allowed on {request.url.path}: use {headers['Allow']}"
+    elif exc.status_code == 413:  # the framework's limit, for a body counted as it arrives
+        return body_too_large(request.app.max_body_size)
+    elif exc.status_code == 400:  # FastAPI could not read a body as JSON (not UTF-8, say)
+        cause = exc.__cause__
+        why = f": {cause}" if cause is not None else ""
+        return problem_response(400, f"the body is not valid JSON{why}", kind="malformed-body")
+    return problem_response(exc.status_code, detail, headers=headers)
 
 
 async def on_validation_error(_: Request, exc: Exception) -> Response:
@@ -201,16 +237,3 @@ def install(app: FastAPI, on_validation: Handler = on_validation_error) -> None:
     for unavailable in db.UNAVAILABLE:
         app.add_exception_handler(unavailable, _on_database_unavailable)
     app.add_exception_handler(Exception, _on_unexpected)
-
-
-def fix_openapi_media_types(schema: dict[str, Any]) -> dict[str, Any]:
-    """FastAPI documents every response as application/json; errors are problem+json."""
-    for path_item in schema.get("paths", {}).values():
-        for operation in path_item.values():
-            if not isinstance(operation, dict):
-                continue
-            for status, response in operation.get("responses", {}).items():
-                content = response.get("content", {})
-                if str(status)[0] in "45" and "application/json" in content:
-                    content[PROBLEM_JSON] = content.pop("application/json")
-    return schema

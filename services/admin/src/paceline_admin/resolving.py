@@ -19,40 +19,24 @@ from aio_pika.abc import AbstractRobustConnection
 from paceline_admin import holders, request_store, sending, server_store
 from paceline_admin.documents import as_json_document
 from paceline_admin.instance_models import ResolveAccepted, ResolveRequest
-from paceline_admin.problems import ApiError, ProblemItem, summarize
+from paceline_admin.problems import ApiError, summarize
 from paceline_contracts.messages import ResolveActivity
 from paceline_contracts.queues import Queue
 from paceline_contracts.states import ActivityStatus, InstanceStatus
 from paceline_infra import outbox
 from paceline_infra.amqp import Publisher
 from paceline_infra.outbox import OutboxMessage
-from paceline_infra.telemetry import extract, inject, tracer
+from paceline_infra.telemetry import in_instance
 
 log = logging.getLogger(__name__)
 
 
-def _invalid(item: ProblemItem) -> ApiError:
-    return ApiError(
-        422, summarize([item]), kind="invalid-request", title="Invalid request", errors=[item]
-    )
-
-
 def _output(body: ResolveRequest) -> dict[str, Any] | None:
-    """The output to send: only `skip` takes one (`{}` when omitted), and it must be storable.
-    Only `retry` takes `force`."""
-    if body.force and body.action != "retry":
-        raise _invalid(
-            ProblemItem(path="force", message=f"only `retry` takes `force`, not `{body.action}`")
-        )
+    """The output to send: only `skip` takes one (`{}` when omitted; `ResolveRequest` refuses
+    it with another action), and it must be storable."""
     if body.action != "skip":
-        if "output" in body.model_fields_set:
-            raise _invalid(
-                ProblemItem(
-                    path="output", message=f"only `skip` takes an output, not `{body.action}`"
-                )
-            )
         return None
-    output, problems = as_json_document(body.output or {}, "output")
+    output, problems = as_json_document(body.output, "output")
     if problems:
         raise ApiError(
             422,
@@ -162,17 +146,17 @@ async def resolve_activity(
     )
     traceparent = target["traceparent"]
     # In the instance's own trace, so that the operator's decision shows up in it.
-    with tracer().start_as_current_span(
+    with in_instance(
         "resolve activity",
-        context=extract({"traceparent": traceparent}) if traceparent else None,
-        attributes={
+        traceparent,
+        {
             "paceline.instance_id": str(instance_id),
             "paceline.step": step,
             "paceline.action": body.action,
             "paceline.by": by,
         },
     ):
-        message = OutboxMessage.of(Queue.COMMANDS, command, headers=inject())
+        message = OutboxMessage.of(Queue.COMMANDS, command)
         winner = None
         async with pool.acquire() as conn, conn.transaction():
             first = await request_store.insert_resolve(

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import uuid
 from datetime import datetime
-from enum import StrEnum
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -24,8 +23,9 @@ from pydantic import BaseModel, Field, ValidationError
 
 from paceline_admin import server_store as store
 from paceline_admin.auth import Authorized, require_token
+from paceline_admin.filters import chosen, several_of
 from paceline_admin.params import Text
-from paceline_admin.problems import RETRY_SOON, ApiError, ProblemItem, problem_responses
+from paceline_admin.problems import RETRY_SOON, ApiError, problem_responses
 from paceline_admin.resources import Control, Db
 from paceline_contracts.messages import DrainServer
 from paceline_contracts.states import ServerKind, ServerStatus
@@ -39,18 +39,12 @@ ServerIdParam = Annotated[
     str, Path(description="The server id, as `GET /v1/servers` lists it."), Text
 ]
 KindFilter = Annotated[
-    list[str] | None,
-    Query(
-        description="Only these kinds (`scheduler`, `activity-worker`, `reporting`, `admin`): "
-        "repeat the parameter or separate them with commas."
-    ),
+    list[Annotated[str, several_of(ServerKind)]] | None,
+    Query(description="Only these kinds: repeat the parameter or separate them with commas."),
 ]
 StatusFilter = Annotated[
-    list[str] | None,
-    Query(
-        description="Only these statuses (`ACTIVE`, `DRAINING`, `DRAINED`, `LOST`): repeat the "
-        "parameter or separate them with commas."
-    ),
+    list[Annotated[str, several_of(ServerStatus)]] | None,
+    Query(description="Only these statuses: repeat the parameter or separate them with commas."),
 ]
 
 router = APIRouter(
@@ -109,27 +103,6 @@ class DrainAccepted(BaseModel):
     drain_requested: bool = True
 
 
-def _one_of(raw: list[str], known: type[StrEnum], name: str) -> list[str]:
-    """`?x=A&x=B` and `?x=A,B` both work, in any case; every unknown value is reported."""
-    values = [v.strip() for item in raw for v in item.split(",") if v.strip()]
-    by_folded = {k.value.casefold(): k.value for k in known}
-    names = ", ".join(k.value for k in known)
-    bad = [
-        ProblemItem(path=f"query.{name}", message=f"{v!r} is not one of {names}")
-        for v in values
-        if v.casefold() not in by_folded
-    ]
-    if bad:
-        raise ApiError(
-            422,
-            f"unknown {name} in the filter: use {names}",
-            kind="invalid-request",
-            title="Invalid request",
-            errors=bad,
-        )
-    return sorted({by_folded[v.casefold()] for v in values})
-
-
 def _in_flight(server_id: str, raw: Any) -> list[InFlightView]:
     # A tolerant reader: an entry that does not fit is left out (and logged), never a 500.
     items: list[InFlightView] = []
@@ -172,8 +145,8 @@ async def list_servers(
     rows = await store.listing(
         pool,
         lost_after_s=_lost_after_s(request),
-        kinds=_one_of(kind or [], ServerKind, "kind"),
-        statuses=_one_of(status or [], ServerStatus, "status"),
+        kinds=chosen(kind, ServerKind, "kind"),
+        statuses=chosen(status, ServerStatus, "status"),
         limit=store.MAX_LISTED + 1,
     )
     return ServerList(

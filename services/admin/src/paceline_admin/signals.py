@@ -27,12 +27,13 @@ from paceline_admin.documents import as_json_document, digest
 from paceline_admin.instances import IdempotencyKey, IdParam, not_found
 from paceline_admin.problems import ApiError, ProblemItem, problem_responses, summarize
 from paceline_admin.resources import Broker, BrokerConnection, Db
+from paceline_admin.schemas import refer
 from paceline_contracts.messages import DeliverSignal
 from paceline_contracts.queues import Queue
 from paceline_contracts.states import InstanceStatus
 from paceline_infra import db, outbox
 from paceline_infra.outbox import OutboxMessage
-from paceline_infra.telemetry import extract, inject, tracer
+from paceline_infra.telemetry import in_instance
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +63,16 @@ router = APIRouter(
 
 
 class SignalRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    payload: dict[str, Any] = Field(
-        default_factory=dict, description="What the wait's `when` and the next steps see."
-    )
+    payload: Annotated[
+        dict[str, Any],
+        refer(
+            "JsonObject",
+            "What the wait's `when` and the next steps see; at most "
+            f"{MAX_PAYLOAD_BYTES // 1024} KiB as JSON.",
+        ),
+    ] = Field(default_factory=dict)
 
 
 class SignalAccepted(BaseModel):
@@ -155,12 +161,11 @@ async def send_signal(
         )
     sending.require_broker(connection, "signal")
     signal_id = uuid.uuid4()
-    with tracer().start_as_current_span(
+    with in_instance(
         f"signal {name}",
-        context=extract({"traceparent": target["traceparent"]}) if target["traceparent"] else None,
-        attributes={"paceline.instance_id": str(instance_id), "paceline.by": principal},
+        target["traceparent"],
+        {"paceline.instance_id": str(instance_id), "paceline.by": principal},
     ):
-        headers = inject()
         async with pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 """
@@ -193,7 +198,6 @@ async def send_signal(
                     by=principal,
                     received_at=row["received_at"],
                 ),
-                headers=headers,
             )
             await outbox.stage(conn, [message])
         await sending.flush(pool, publisher, [message], f"signal {name} to {instance_id}")

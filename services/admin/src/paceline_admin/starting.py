@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import asyncpg
+from opentelemetry import trace
+from opentelemetry.context import Context
 
 from paceline_admin import definition_store, instance_store, sending
 from paceline_admin.documents import as_json_document, digest
@@ -99,6 +103,28 @@ def _invalid_inputs(items: list[ProblemItem]) -> ApiError:
     )
 
 
+@contextmanager
+def instance_root(
+    instance_id: uuid.UUID, definition: str, version: int, started_by: str
+) -> Iterator[trace.Span]:
+    """The instance's root span: a fresh trace of its own (one per instance, whatever the
+    caller sent), always recorded, linked to the caller's span. Every later span of the
+    instance descends from it: its context is stored with the instance."""
+    caller = trace.get_current_span().get_span_context()
+    with tracer().start_as_current_span(
+        f"instance {definition}",
+        context=Context(),
+        links=[trace.Link(caller)] if caller.is_valid else [],
+        attributes={
+            "paceline.instance_id": str(instance_id),
+            "paceline.definition": definition,
+            "paceline.version": version,
+            "paceline.by": started_by,
+        },
+    ) as span:
+        yield span
+
+
 async def start_instance(
     pool: asyncpg.Pool,
     publisher: Publisher,
@@ -115,17 +141,11 @@ async def start_instance(
             return _replay(existing, request, given), True
     version, resolved = await _resolve(pool, request, problems)
 
-    with tracer().start_as_current_span(
-        "start instance",
-        attributes={"paceline.definition": request.definition, "paceline.version": version},
-    ) as span:
-        instance_id = uuid.uuid4()
-        span.set_attribute("paceline.instance_id", str(instance_id))
+    instance_id = uuid.uuid4()
+    with instance_root(instance_id, request.definition, version, started_by) as span:
         headers = inject()
         valid = span.get_span_context().is_valid  # not without a tracer provider
-        command = OutboxMessage.of(
-            Queue.COMMANDS, StartInstance(instance_id=instance_id), headers=headers
-        )
+        command = OutboxMessage.of(Queue.COMMANDS, StartInstance(instance_id=instance_id))
         state = InstanceState(inputs=resolved).document()
         async with pool.acquire() as conn, conn.transaction():
             inserted = await instance_store.insert_pending(

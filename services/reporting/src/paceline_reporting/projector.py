@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime
+from typing import Any
 
 import asyncpg
+from aio_pika.abc import AbstractIncomingMessage
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
 from paceline_contracts.messages import EVENT, ActivitySnapshot, InstanceChanged
 from paceline_contracts.queues import Queue
+from paceline_infra import telemetry
 from paceline_infra.amqp import Publisher, invalid_reason
 from paceline_infra.batching import Delivery
 
@@ -42,11 +48,31 @@ class Projector:
                 await self._publisher.dead_letter(Queue.EVENTS, d.message, reason)
         if not events:
             return
-        async with self._pool.acquire() as conn, conn.transaction():
-            await _upsert_instances(conn, [e for _, e in events])
-            await _upsert_activities(conn, [e for _, e in events])
+        with _batch_span([d.message for d, _ in events]):
+            async with self._pool.acquire() as conn, conn.transaction():
+                await _upsert_instances(conn, [e for _, e in events])
+                await _upsert_activities(conn, [e for _, e in events])
         for d, _ in events:
             await d.message.ack()
+
+
+def _batch_span(messages: Sequence[AbstractIncomingMessage]) -> AbstractContextManager[Any]:
+    """`process events`: a batch of one continues its instance's trace (the scheduler's
+    producer span is its parent); a larger batch is a trace of its own, linked to every
+    event's context (the messaging conventions' batch shape)."""
+    single = len(messages) == 1
+    return telemetry.tracer().start_as_current_span(
+        f"process {Queue.EVENTS.value}",
+        context=telemetry.extract(messages[0].headers) if single else Context(),
+        kind=SpanKind.CONSUMER,
+        links=[] if single else telemetry.batch_links([m.headers for m in messages]),
+        attributes={
+            **telemetry.messaging(
+                "process", Queue.EVENTS.value, messages[0].message_id if single else None
+            ),
+            "messaging.batch.message_count": len(messages),
+        },
+    )
 
 
 async def _upsert_instances(conn: asyncpg.Connection, events: Sequence[InstanceChanged]) -> None:

@@ -34,7 +34,6 @@ async def apply(
     requester: str,
     decisions: Sequence[ApprovalDecision],
     now: datetime,
-    headers: dict[str, str],
 ) -> list[OutboxMessage]:
     """Write the engine's approval decisions; the announcements to send (in the outbox)."""
     messages: list[OutboxMessage] = []
@@ -77,7 +76,7 @@ async def apply(
                 due_at=d.due_at,
                 requested_at=now,
             )
-            messages.append(OutboxMessage.of(Stream.APPROVALS, announcement, headers))
+            messages.append(OutboxMessage.of(Stream.APPROVALS, announcement))
         elif isinstance(d, EscalateApproval):
             await conn.execute(
                 "UPDATE approvals SET approvers = $2, escalation_level = $3"

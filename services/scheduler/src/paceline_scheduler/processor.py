@@ -17,7 +17,6 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
-from opentelemetry import trace
 from pydantic import TypeAdapter, ValidationError
 
 from paceline_contracts.messages import CLAIM, COMMAND, RESULT, ClaimReply, FireTimer
@@ -36,10 +35,10 @@ from paceline_engine.events import (
     RecordSignal,
 )
 from paceline_engine.state import NotLoaded
-from paceline_infra import db, outbox, telemetry
+from paceline_infra import db, outbox
 from paceline_infra.amqp import Publisher, invalid_reason
 from paceline_infra.batching import Delivery
-from paceline_scheduler import approval_store, store
+from paceline_scheduler import approval_store, store, tracing
 from paceline_scheduler.translate import Incoming, instance_changed, to_event, to_outbox
 
 log = logging.getLogger(__name__)
@@ -218,17 +217,9 @@ class Processor:
         now: datetime,
         outcome: _Outcome,
     ) -> None:
-        parent = telemetry.extract(items[0].delivery.message.headers)
-        kinds = ", ".join(sorted({p.message.type for p in items}))
-        with telemetry.tracer().start_as_current_span(
-            f"apply {kinds}",
-            context=parent,
-            kind=trace.SpanKind.CONSUMER,
-            attributes={
-                "paceline.instance_id": str(row.id),
-                "messaging.batch.message_count": len(items),
-            },
-        ) as span:
+        queue = items[0].delivery.queue.value
+        messages = [p.delivery.message for p in items]
+        with tracing.consuming(row, queue, messages) as span:
             state = row.state
             decisions = []
             changed: set[str] = set()
@@ -249,15 +240,19 @@ class Processor:
                         await store.load_needed(conn, row, need)
                 else:
                     raise RuntimeError(f"the engine kept asking for more to apply {event!r}")
+                tracing.record(
+                    span,
+                    row,
+                    state,
+                    transition.state,
+                    transition.history,
+                    now,
+                    event,
+                )
                 state = transition.state
                 changed |= transition.changed_steps
                 any_change = any_change or transition.changed
                 outcome.history.extend((row.id, now, h) for h in transition.history)
-                for h in transition.history:
-                    span.add_event(
-                        h.kind.value,
-                        {"reason": h.reason, "step": h.step or "", "attempt": h.attempt or 0},
-                    )
                 for d in transition.decisions:
                     if isinstance(d, AnswerClaim):
                         outcome.replies.append(
@@ -283,16 +278,14 @@ class Processor:
             row.state = state
             outcome.saved.append(row)
             outcome.changed[row.id] = changed
-            headers = telemetry.inject()
             outcome.messages.extend(
                 await approval_store.apply(
-                    conn, row.id, row.definition, row.started_by, approvals, now, headers
+                    conn, row.id, row.definition, row.started_by, approvals, now
                 )
             )
             outcome.messages.extend(
-                m for d in decisions if (m := to_outbox(row, d, headers, now)) is not None
+                m for d in decisions if (m := to_outbox(row, d, now)) is not None
             )
-            span.set_attribute("paceline.instance.status", state.status.value)
             outcome.messages.append(
-                outbox.OutboxMessage.of(Queue.EVENTS, instance_changed(row, changed), headers)
+                outbox.OutboxMessage.of(Queue.EVENTS, instance_changed(row, changed))
             )

@@ -133,9 +133,7 @@ def _stop_cause(status: ActivityStatus, error: ActivityError) -> events.StopCaus
     return events.StopCause.DRAIN_DEADLINE
 
 
-def to_outbox(
-    row: InstanceRow, decision: events.Decision, headers: dict[str, str], now: datetime
-) -> OutboxMessage | None:
+def to_outbox(row: InstanceRow, decision: events.Decision, now: datetime) -> OutboxMessage | None:
     """The message a decision sends, if any (claim answers and finishes send none here)."""
     if isinstance(decision, events.Dispatch):
         task = ActivityTask(
@@ -149,14 +147,14 @@ def to_outbox(
             isolated=decision.isolated,
         )
         queue = Queue.SUSPECTS if decision.isolated else Queue.ACTIVITIES
-        return OutboxMessage.of(queue, task, headers, not_before=decision.not_before)
+        return OutboxMessage.of(queue, task, not_before=decision.not_before)
     if isinstance(decision, events.StopInstance):
         cancelled = InstanceCancelled(instance_id=row.id, by=decision.by, at=now)
-        return OutboxMessage.of(Stream.CANCELLATIONS, cancelled, headers)
+        return OutboxMessage.of(Stream.CANCELLATIONS, cancelled)
     if isinstance(decision, events.SetDeadline):
         # A timer is a held-back message to ourselves: whichever scheduler gets it handles it.
         check = CheckDeadline(instance_id=row.id, step=decision.step, attempt=decision.attempt)
-        return OutboxMessage.of(Queue.COMMANDS, check, headers, not_before=decision.at)
+        return OutboxMessage.of(Queue.COMMANDS, check, not_before=decision.at)
     if isinstance(decision, events.SetTimer):
         fire = FireTimer(
             instance_id=row.id,
@@ -165,7 +163,7 @@ def to_outbox(
             due_at=decision.due_at,
             purpose=decision.purpose,
         )
-        return OutboxMessage.of(Queue.COMMANDS, fire, headers, not_before=decision.due_at)
+        return OutboxMessage.of(Queue.COMMANDS, fire, not_before=decision.due_at)
     return None
 
 
