@@ -76,8 +76,11 @@ def settings(database_url: str, namespace: str) -> AdminSettings:
 
 @pytest.fixture(scope="session")
 async def broker(namespace: str) -> AsyncIterator[AbstractChannel]:
-    """A channel of the tests' own, to read queues; removes the namespace's topology last."""
-    connection = await aio_pika.connect(AMQP_URL)
+    """A channel of the tests' own, to read queues; removes the namespace's topology last.
+    Robust: the session's connection may be dropped between admin test files (the worker
+    process runs long synchronous tests, hypothesis properties say, without answering the
+    broker's heartbeats); the later admin tests get their channel back."""
+    connection = await aio_pika.connect_robust(AMQP_URL)
     channel = await connection.channel()
     yield channel
     await connection.close()

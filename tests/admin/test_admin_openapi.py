@@ -10,9 +10,9 @@ when the module is done, so no second admin heartbeats during the other tests.
 Every check is on (`[checks] enabled = true`: not_a_server_error, status_code_conformance,
 content_type_conformance, response_headers_conformance, response_schema_conformance,
 positive_data_acceptance, negative_data_rejection, missing_required_header, unsupported_method,
-allow_header_conformance, ignored_auth, max_response_time (at 5 s), and in the stateful test
-use_after_free and ensure_resource_availability), with the token of the principal `admin` for
-the operations' security scheme. Each operation runs the examples, coverage and fuzzing
+allow_header_conformance, ignored_auth (not max_response_time: no timing in tests), and in the
+stateful test use_after_free and ensure_resource_availability), with the token of the principal
+`admin` for the operations' security scheme. Each operation runs the examples, coverage and fuzzing
 phases (positive and negative data), then sequences of calls run along the links schemathesis
 infers; all with a bounded number of examples, so the file takes a little over a minute here
 (2 shared cores), most of it in the coverage phase, whose cases the number does not change.
@@ -50,6 +50,9 @@ SEED = int(os.environ.get("PACELINE_OPENAPI_SEED", "10"))
 
 CONFIG = f"""
 seed = {SEED}
+# Hypothesis's health checks judge the generator, not the API: how much it filters (the
+# definition schema's patterns and nesting) and how fast it runs (a shared, loaded machine).
+suppress-health-check = ["filter_too_much", "too_slow", "data_too_large"]
 
 [generation]
 max-examples = {MAX_EXAMPLES}
@@ -60,9 +63,8 @@ database = "none"
 
 [checks]
 enabled = true
-# Off unless given a limit. The longest wait an answer makes by design is a cancel's, for the
-# scheduler to record it (3 s; none runs here): more than that is a hang.
-max_response_time = 5.0
+# max_response_time stays off (it is off unless given a limit): timing is measured by
+# `make bench`, never asserted by a test on a shared machine.
 
 [checks.negative_data_rejection]
 # The defaults, and 413: a body over 1 MiB (`body-too-large`) is refused before anything reads

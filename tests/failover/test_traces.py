@@ -139,6 +139,7 @@ async def test_one_trace_per_instance_with_messaging_spans_and_no_secret(
             "/v1/instances",
             json={"definition": definition["name"], "inputs": {"n": 2, "password": SECRET}},
             headers={"traceparent": f"00-{caller_trace}-{caller_span}-{flags}"},
+            params={"api_key": SECRET},  # a caller's query is theirs: never in a span
         )
         assert r.status_code == 202, r.text
         started.append(r.json())
@@ -296,11 +297,12 @@ async def test_killed_restartable_attempt_is_in_the_trace(
     assert lost.attributes["paceline.holder"] == dead
     assert lost.attributes["paceline.step"] == "nap"
     assert lost.start_ns < lost.end_ns
+    assert lost.attributes["paceline.redelivered_to"] not in {"", dead}
     assert lost.service == "paceline-scheduler"
     redelivered = [attrs for x in trace for name, attrs in x.events if name == "redelivered"]
     assert redelivered and redelivered[0]["paceline.holder"] == dead
     assert redelivered[0]["paceline.delivery_count"] >= 2
-    assert redelivered[0]["paceline.server"] != dead
+    assert redelivered[0]["paceline.redelivered_to"] != dead
     # The survivor's run of attempt 2 is there, ended normally.
     [second] = [
         x for x in trace if x.name == "activity sleep" and x.attributes["paceline.attempt"] == 2
@@ -356,6 +358,11 @@ async def test_flagged_then_retried_post_in_one_trace(
     assert attrs["paceline.flag.since"]
     assert attrs["paceline.step"] == "push" and attrs["paceline.attempt"] == 1
     assert span.status == "ERROR" and span.attributes["error.type"] == "FLAGGED"
+    logs = _logs(stack)
+    assert re.search(
+        rf"WARNING .* flagged {instance_id}/push attempt 1: .* trace_id={done['trace_id']}", logs
+    )
+    assert re.search(rf"admin chose retry .* of {instance_id} trace_id={done['trace_id']}", logs)
     [resolve] = [x for x in trace if x.name == "resolve activity"]
     assert resolve.attributes["paceline.by"] == "admin"
     assert resolve.attributes["paceline.action"] == "retry"

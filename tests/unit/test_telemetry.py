@@ -18,7 +18,6 @@ from opentelemetry.trace import SpanKind
 from paceline_admin.http_telemetry import untraced
 from paceline_infra import telemetry
 from paceline_infra.logs import TraceFormatter
-from paceline_worker.http_tracing import redacted_url
 
 
 @pytest.fixture
@@ -26,6 +25,7 @@ def exported(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
     """Spans of `telemetry.tracer()` recorded in memory, by a provider of the test's own (the
     process's global one may be another test's, exporting nothing)."""
     provider = TracerProvider(sampler=telemetry._NoBareClientSpans())
+    provider.add_span_processor(telemetry.RedactUrls())
     exporter = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     monkeypatch.setattr(telemetry, "tracer", lambda: provider.get_tracer("paceline"))
@@ -43,7 +43,7 @@ def exported(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
     ],
 )
 def test_an_outbound_url_loses_its_userinfo_and_every_query_value(url: str, expected: str) -> None:
-    assert redacted_url(url) == expected
+    assert telemetry.redacted_url(url) == expected
 
 
 def _scope(path: str, method: str, traceparent: str | None = None) -> dict:
@@ -141,3 +141,23 @@ def test_a_message_carries_its_definition_to_the_consumer(exported: InMemorySpan
     assert dict(producer.attributes or {})["paceline.version"] == 3
     assert telemetry.carried({"paceline-version": b"7"}) == {"paceline.version": 7}
     assert telemetry.carried(None) == {}
+
+
+def test_urls_in_any_span_lose_credentials_and_query_values(
+    exported: InMemorySpanExporter,
+) -> None:
+    # As FastAPI's server spans and httpx's client spans set them: at the span's creation.
+    attributes = {
+        "url.query": "token=s3cret&api_key=k3y&flag",
+        "url.full": "http://ops:pw@h/p?sig=abc",
+        "http.url": "http://h/p?password=pw",
+        "url.path": "/v1/instances",
+    }
+    with telemetry.tracer().start_as_current_span("POST", attributes=attributes):
+        pass
+    [span] = [s for s in exported.get_finished_spans() if s.name == "POST"]
+    recorded = dict(span.attributes or {})
+    assert recorded["url.query"] == "token=REDACTED&api_key=REDACTED&flag=REDACTED"
+    assert recorded["url.full"] == "http://h/p?sig=REDACTED"
+    assert recorded["http.url"] == "http://h/p?password=REDACTED"
+    assert recorded["url.path"] == "/v1/instances"

@@ -33,13 +33,12 @@ class CliSettings(BaseSettings):
 
 
 def shown_url(url: str) -> str:
-    """`url` without any user or password it may hold: what messages show."""
+    """`url` without any user or password it may hold, nor its query (a token may be there):
+    what messages show."""
     parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
     host = parts.hostname or ""
     netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit(parts._replace(netloc=netloc))
+    return urlunsplit(parts._replace(netloc=netloc, query="", fragment=""))
 
 
 def load(url: str | None = None) -> CliSettings:

@@ -18,11 +18,12 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
@@ -71,6 +72,34 @@ class _NoBareClientSpans(Sampler):
         return "NoBareClientSpans"
 
 
+def redacted_url(url: str) -> str:
+    """`url` without user info and with every query value replaced by `REDACTED`."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, redacted_query(parts.query), ""))
+
+
+def redacted_query(query: str) -> str:
+    """A URL query with every value replaced by `REDACTED` (the names kept)."""
+    return urlencode([(k, "REDACTED") for k, _ in parse_qsl(query, keep_blank_values=True)])
+
+
+class RedactUrls(SpanProcessor):
+    """Blanks every query value and the user info of URLs in span attributes, whoever set
+    them: FastAPI's server spans (`url.query`: a caller may put a token in any query), httpx's
+    client spans (`url.full`: a step's URL is its author's). The official instrumentations
+    redact only a few well-known names (`opentelemetry.util.http.redact_url`). Runs when a
+    span starts, while it is still writable: these attributes are set at its creation."""
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        attributes = span.attributes or {}
+        for name in ("url.full", "http.url"):
+            if isinstance(value := attributes.get(name), str):
+                span.set_attribute(name, redacted_url(value))
+        if isinstance(value := attributes.get("url.query"), str):
+            span.set_attribute("url.query", redacted_query(value))
+
+
 def _version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
@@ -112,6 +141,7 @@ def setup_tracing(identity: ServerIdentity, settings: Settings) -> TracerProvide
     # still carry it, and recording costs no CPU.
     sampler = _NoBareClientSpans() if settings.otlp_endpoint else ALWAYS_OFF
     provider = TracerProvider(resource=resource, sampler=sampler)
+    provider.add_span_processor(RedactUrls())
     if settings.otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor

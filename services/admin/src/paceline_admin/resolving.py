@@ -177,15 +177,15 @@ async def resolve_activity(
                 raise ApiError(409, "a concurrent decision was undone; try again", kind="conflict")
             raise _already(step, winner)
         await sending.flush(pool, publisher, [message], f"resolve of {instance_id} {step}")
-    log.info(
-        "%s chose %s for attempt %d of %s of %s%s",
-        by,
-        body.action,
-        attempt,
-        step,
-        instance_id,
-        " (forced)" if body.force else "",
-    )
+        log.info(
+            "%s chose %s for attempt %d of %s of %s%s",
+            by,
+            body.action,
+            attempt,
+            step,
+            instance_id,
+            " (forced)" if body.force else "",
+        )
     return ResolveAccepted(id=instance_id, step=step, action=body.action)
 
 

@@ -201,7 +201,7 @@ async def send_signal(
             )
             await outbox.stage(conn, [message])
         await sending.flush(pool, publisher, [message], f"signal {name} to {instance_id}")
-    log.info("signal %s to %s sent by %s", name, instance_id, principal)
+        log.info("signal %s to %s sent by %s", name, instance_id, principal)
     return SignalAccepted(signal_id=signal_id, status=await _fate(pool, signal_id))
 
 

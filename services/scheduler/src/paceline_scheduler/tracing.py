@@ -1,5 +1,5 @@
-"""The scheduler's spans: one CONSUMER span per instance per batch, its decisions as events,
-and a span for each attempt that was lost with its worker.
+"""The scheduler's spans: one CONSUMER span per instance per batch, its decisions as events
+(flags and losses also as log lines), and a span for each attempt lost with its worker.
 
 A SIGKILLed worker never ends (so never exports) the span of the attempt it ran. The scheduler
 is the one that notices the loss (a redelivered claim, an expired deadline), so it draws the
@@ -8,6 +8,7 @@ lost attempt itself: from the claim to the moment of the loss, status ERROR.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -25,6 +26,9 @@ from paceline_scheduler.store import InstanceRow
 
 _ERROR_STATUSES = {InstanceStatus.FAILED, InstanceStatus.FLAGGED}
 _TIMED_OUT = {HistoryKind.FLAGGED, HistoryKind.TIMED_OUT}
+_LOGGED = {HistoryKind.FLAGGED, HistoryKind.REDELIVERED, HistoryKind.RESTARTED}
+"""Decisions an operator watching only the logs must see."""
+log = logging.getLogger(__name__)
 
 
 def instance_attributes(row: InstanceRow) -> dict[str, Any]:
@@ -94,7 +98,7 @@ def _event_attributes(
     for key, name in (
         ("server", "paceline.holder"),
         ("since", "paceline.since"),
-        ("to", "paceline.server"),
+        ("to", "paceline.redelivered_to"),
         ("delivery", "paceline.delivery_count"),
         ("by", "paceline.by"),
         ("flag", "paceline.flag.kind"),
@@ -128,7 +132,18 @@ def record(
     messages = _error_messages(after, event)
     lost: set[tuple[str, int]] = set()
     for entry in history:
-        span.add_event(entry.kind.value, _event_attributes(entry, after, messages))
+        attributes = _event_attributes(entry, after, messages)
+        span.add_event(entry.kind.value, attributes)
+        if entry.kind in _LOGGED:
+            # Inside the span: the line names the instance's trace (Loki finds it from there).
+            log.warning(
+                "%s %s/%s attempt %s: %s",
+                entry.kind.value,
+                row.id,
+                entry.step,
+                entry.attempt,
+                attributes["paceline.reason"],
+            )
         if entry.kind is HistoryKind.REDELIVERED and entry.step and entry.attempt:
             previous = before.activities.get(entry.step)
             _lost_attempt(row, entry.step, entry.attempt, previous, entry.data.get("to"), now)
@@ -171,7 +186,7 @@ def _lost_attempt(
         "paceline.restartable": previous.restartable if previous is not None else False,
     }
     if to:
-        attributes["paceline.server"] = to
+        attributes["paceline.redelivered_to"] = to
     with telemetry.span_at(
         f"attempt {attempt} on {holder or 'an unknown server'}: outcome unknown",
         start_time_ns=int(start.timestamp() * 1e9),
