@@ -1,13 +1,16 @@
 """Process definitions: the CONTRACT.md format, validated into typed, immutable models.
 
 `parse_definition` reports every problem it finds, each with the path to the offending part, so
-an author fixes a definition in one round trip instead of one error at a time. It visits each
+an author fixes a definition in one round trip instead of one error at a time. A definition's
+`triggers` (issue 11) subscribe it to events: each is checked here like a step, and `Trigger`
+evaluates it against an event (`trigger_for_event`). It visits each
 step once and does a bounded amount of work per step (per reference, per nesting level), so its
 time is linear in the definition's size; `LIMITS` bound that size where definitions are created.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterator, Mapping
@@ -18,7 +21,6 @@ from typing import Any, Literal
 
 from paceline_engine.activity_types import ACTIVITY_TYPES, SCHEDULER_TYPES, param_problems
 from paceline_engine.expressions import (
-    ROOT_NAMES,
     Expression,
     ExpressionError,
     Template,
@@ -32,6 +34,7 @@ INPUT_TYPES: tuple[str, ...] = ("string", "integer", "number", "boolean", "objec
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 _STEP_ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _SIGNAL_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
+_EVENT_TYPE = re.compile(r"[A-Za-z0-9_.:/-]{1,200}")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
 MAX_DURATION_S = 30 * 86_400
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -51,6 +54,10 @@ MAX_NESTING_DEPTH = 16
 Each parallel level takes three levels of JSON (step, branch list, branch) and the admin API
 reads at most 64 levels, so 16 parallel levels still leave 12 levels for a step's `with`."""
 
+MAX_TRIGGERS = 100
+"""Triggers in one definition. Each event is matched against the triggers of its type in the
+transaction that records it, so this bounds what one event can cost a definition."""
+
 MAX_EXPRESSION_LENGTH = 1_000
 """Characters of one expression: a condition's whole `if`, or what one `${...}` in a `with`
 holds. Expressions run on the scheduler at each step; longer logic belongs in an activity."""
@@ -65,6 +72,7 @@ class Limits:
     branches: int = MAX_BRANCHES
     nesting_depth: int = MAX_NESTING_DEPTH
     expression_length: int = MAX_EXPRESSION_LENGTH
+    triggers: int = MAX_TRIGGERS
 
 
 LIMITS = Limits()
@@ -153,11 +161,102 @@ class WaitStep:
     """For a signal: only one for which this is true ends the wait (it sees `signal`)."""
 
 
-WAIT_ROOTS = ("inputs", "steps", "signal")
+INSTANCE_ROOTS = ("inputs", "steps", "trigger")
+"""What the expressions of steps see: the inputs, the outputs of steps, and how the instance
+was started (`trigger`: null when started through the API; see `trigger_for_event` and
+`trigger_for_schedule`)."""
+
+WAIT_ROOTS = ("inputs", "steps", "trigger", "signal")
 """What a wait's `when` sees: the signal (`signal.payload`, `signal.by`, ...) besides the
 usual names."""
 
+TRIGGER_ROOTS = ("trigger",)
+"""What a trigger's `when`, `inputs` and `dedupe` see: the event (`trigger.event`), nothing of
+an instance (there is none yet)."""
+
+EVENT_FIELDS = ("type", "id", "source", "data")
+"""What `trigger.event` holds."""
+
+EVENT_TRIGGER_FIELDS = ("kind", "id", "event")
+"""What `trigger` holds for an instance started by an event (and in a trigger's expressions):
+`kind` is `event`, `id` the trigger's id, `event` the event."""
+
+INSTANCE_TRIGGER_FIELDS = ("kind", "id", "event", "schedule", "nominal_at")
+"""What a step may read of `trigger`: an event's fields, or a schedule's (`kind` is
+`schedule`, `schedule` its id, `nominal_at` its nominal fire time, ISO-8601 UTC)."""
+
+DEFAULT_DEDUPE_WINDOW_S = 86_400.0
+"""How long a trigger's dedupe key is remembered when it gives no `dedupe_window`."""
+
 Step = ActivityStep | ConditionStep | ParallelStep | WaitStep
+
+
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    """A subscription of the definition to events of one type: each event of type `event` for
+    which `when` is true starts an instance with `inputs` rendered from the event."""
+
+    id: str
+    event: str
+    """The event type it listens to (exact match)."""
+    inputs: Template
+    """The instance's inputs: an object whose values may hold `${...}` reading `trigger`."""
+    when: Expression | None = None
+    """Only events for which this is true start an instance (None: every event)."""
+    dedupe: Expression | None = None
+    """A key: a second event with the same key within `dedupe_window_s` starts nothing."""
+    dedupe_window_s: float | None = None
+    """With `dedupe`: how long a key is remembered (`DEFAULT_DEDUPE_WINDOW_S` by default)."""
+
+    def matches(self, trigger: Mapping[str, Any]) -> bool:
+        """Whether the event in `trigger` (as `trigger_for_event` makes it) starts an instance:
+        its type is `event` and `when`, if any, is true. Raises EvaluationError when `when`
+        fails on the event."""
+        event = trigger.get("event")
+        if not isinstance(event, Mapping) or event.get("type") != self.event:
+            return False
+        return self.when is None or bool(self.when.evaluate({"trigger": trigger}))
+
+    def start_inputs(self, trigger: Mapping[str, Any]) -> dict[str, Any]:
+        """The inputs rendered for the event in `trigger` (check them with `resolve_inputs`).
+        Raises EvaluationError when an expression fails on the event."""
+        rendered = self.inputs.render({"trigger": trigger})
+        assert isinstance(rendered, dict)
+        return rendered
+
+    def dedupe_key(self, trigger: Mapping[str, Any]) -> str | None:
+        """The dedupe key of the event in `trigger`: `dedupe`'s value, a string as it is and
+        anything else as compact JSON; None when there is no `dedupe` or it gives null (the
+        event is not deduplicated: nothing is dropped for a key it does not have). Raises
+        EvaluationError when `dedupe` fails on the event."""
+        if self.dedupe is None:
+            return None
+        value = self.dedupe.evaluate({"trigger": trigger})
+        if value is None or isinstance(value, str):
+            return value
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def trigger_for_event(
+    trigger_id: str, event_type: str, event_id: str, source: str | None, data: Any
+) -> dict[str, Any]:
+    """The `trigger` that expressions see for an event (`POST /v1/events` `{type, id, source,
+    data}`), in a trigger's `when`, `inputs` and `dedupe` and in the steps of the instance it
+    started."""
+    return {
+        "kind": "event",
+        "id": trigger_id,
+        "event": {"type": event_type, "id": event_id, "source": source, "data": data},
+    }
+
+
+def trigger_for_schedule(schedule_id: str, nominal_at: datetime) -> dict[str, Any]:
+    """The `trigger` that the steps of an instance started by a schedule see."""
+    return {
+        "kind": "schedule",
+        "schedule": schedule_id,
+        "nominal_at": nominal_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +266,8 @@ class Definition:
     steps: tuple[Step, ...]
     version: int = 0
     """Given by the store when the definition is saved; 0 before that."""
+    triggers: tuple[Trigger, ...] = ()
+    """The events it subscribes to (the latest version's are the ones that count)."""
     _index: Mapping[str, Step] = field(init=False, repr=False, compare=False)
     """Every step by id, built once: `activity()` is called for each event of a run."""
 
@@ -270,7 +371,7 @@ class _Parser:
     def definition(self, raw: Any, version: int) -> Definition:
         if not isinstance(raw, Mapping):
             raise DefinitionError([Problem("", "a definition is a JSON object")])
-        for key in raw.keys() - {"name", "inputs", "steps", "description"}:
+        for key in raw.keys() - {"name", "inputs", "steps", "description", "triggers"}:
             self.problem(str(key), "unknown field")
         name = raw.get("name")
         if not isinstance(name, str) or not _NAME.match(name):
@@ -285,11 +386,12 @@ class _Parser:
             steps: tuple[Step, ...] = ()
         else:
             steps = self.steps(steps_raw, "steps", 0)
+        triggers = self.triggers(raw["triggers"], inputs) if "triggers" in raw else ()
         self.check_size()
         if self.problems:
             raise DefinitionError(self.problems)
         assert isinstance(name, str)
-        return Definition(name=name, inputs=inputs, steps=steps, version=version)
+        return Definition(name=name, inputs=inputs, steps=steps, version=version, triggers=triggers)
 
     def check_size(self) -> None:
         if self.limits is None:
@@ -548,7 +650,12 @@ class _Parser:
         return True
 
     def expression(
-        self, raw: Any, path: str, step_id: str, roots: tuple[str, ...] = ROOT_NAMES
+        self,
+        raw: Any,
+        path: str,
+        step_id: str,
+        roots: tuple[str, ...] = INSTANCE_ROOTS,
+        trigger_fields: tuple[str, ...] = INSTANCE_TRIGGER_FIELDS,
     ) -> Expression | None:
         if not isinstance(raw, str):
             self.problem(path, "an expression string")
@@ -560,25 +667,42 @@ class _Parser:
         except ExpressionError as exc:
             self.problem(path, str(exc))
             return None
-        self.references(expression.references(), path, step_id)
+        self.references(expression.references(), path, step_id, trigger_fields)
         return expression
 
-    def template(self, raw: Mapping[str, Any], path: str, step_id: str) -> Template | None:
+    def template(
+        self,
+        raw: Mapping[str, Any],
+        path: str,
+        step_id: str,
+        roots: tuple[str, ...] = INSTANCE_ROOTS,
+        trigger_fields: tuple[str, ...] = INSTANCE_TRIGGER_FIELDS,
+    ) -> Template | None:
         # One compile for the whole `with`, which reports every field's problems, and keeps
         # each field's references apart so a wrong one is reported at its field.
         max_length = self.limits.expression_length if self.limits is not None else None
-        template, fields, problems = compile_fields(raw, path, max_expression_length=max_length)
+        template, fields, problems = compile_fields(
+            raw, path, max_expression_length=max_length, roots=roots
+        )
         for where, message in problems:
             self.problem(where, message)
         for key, refs in fields.items():
             if refs:
-                self.references(refs, f"{path}.{key}", step_id)
+                self.references(refs, f"{path}.{key}", step_id, trigger_fields)
         return template
 
-    def references(self, refs: frozenset[tuple[str, ...]], path: str, step_id: str) -> None:
+    def references(
+        self,
+        refs: frozenset[tuple[str, ...]],
+        path: str,
+        step_id: str,
+        trigger_fields: tuple[str, ...] = INSTANCE_TRIGGER_FIELDS,
+    ) -> None:
         for ref in sorted(refs):
             text = ".".join(ref)
-            if ref[0] == "inputs":
+            if ref[0] == "trigger":
+                self.trigger_reference(ref, path, trigger_fields)
+            elif ref[0] == "inputs":
                 if len(ref) < 2:
                     continue  # the whole inputs object
                 if ref[1] not in self.input_names:
@@ -595,6 +719,103 @@ class _Parser:
                     )
                 elif len(ref) >= 3 and ref[2] != "output":
                     self.problem(path, f"{text}: a step exposes only 'output'")
+
+    def trigger_reference(self, ref: tuple[str, ...], path: str, fields: tuple[str, ...]) -> None:
+        text = ".".join(ref)
+        if len(ref) >= 2 and ref[1] not in fields:
+            where = "a trigger's expressions see" if "schedule" not in fields else "steps see"
+            self.problem(path, f"{text}: {where} only trigger.{', trigger.'.join(fields)}")
+        elif len(ref) >= 3 and ref[1] == "event" and ref[2] not in EVENT_FIELDS:
+            self.problem(path, f"{text}: an event has only {', '.join(EVENT_FIELDS)}")
+
+    # --- triggers ------------------------------------------------------------------------------
+
+    def triggers(self, raw: Any, inputs: Mapping[str, InputSpec]) -> tuple[Trigger, ...]:
+        if not isinstance(raw, list):
+            self.problem("triggers", "a list of triggers, each {id, event, when?, inputs?, ...}")
+            return ()
+        if self.limits is not None and len(raw) > self.limits.triggers:
+            self.problem(
+                "triggers",
+                f"{len(raw)} triggers: the limit is {self.limits.triggers} triggers in a "
+                "definition",
+            )
+        seen: dict[str, str] = {}
+        parsed = (self.trigger(item, f"triggers[{i}]", seen, inputs) for i, item in enumerate(raw))
+        return tuple(t for t in parsed if t is not None)
+
+    def trigger(
+        self, raw: Any, path: str, seen: dict[str, str], inputs: Mapping[str, InputSpec]
+    ) -> Trigger | None:
+        if not isinstance(raw, Mapping):
+            self.problem(path, "a trigger is an object {id, event, when?, inputs?, dedupe?, ...}")
+            return None
+        allowed = {"id", "event", "when", "inputs", "dedupe", "dedupe_window", "description"}
+        for extra in raw.keys() - allowed:
+            self.problem(f"{path}.{extra}", "unknown field for a trigger")
+        ok = True
+        trigger_id = raw.get("id")
+        if not isinstance(trigger_id, str) or not _STEP_ID.fullmatch(trigger_id):
+            self.problem(f"{path}.id", "required: letters, digits and '_', starting with a letter")
+            ok = False
+        elif trigger_id in seen:
+            self.problem(
+                f"{path}.id", f"duplicate trigger id {trigger_id!r} (also at {seen[trigger_id]})"
+            )
+            ok = False
+        else:
+            seen[trigger_id] = path
+        event = raw.get("event")
+        if not isinstance(event, str) or not _EVENT_TYPE.fullmatch(event):
+            self.problem(
+                f"{path}.event",
+                "required: an event type, 1 to 200 letters, digits, '.', '_', ':', '/' or '-'",
+            )
+            ok = False
+        when = dedupe = None
+        roots, fields = TRIGGER_ROOTS, EVENT_TRIGGER_FIELDS
+        if "when" in raw:
+            when = self.expression(raw["when"], f"{path}.when", "", roots, fields)
+            ok = ok and when is not None
+        template = self.trigger_inputs(raw.get("inputs", {}), f"{path}.inputs", inputs)
+        if "dedupe" in raw:
+            dedupe = self.expression(raw["dedupe"], f"{path}.dedupe", "", roots, fields)
+            ok = ok and dedupe is not None
+        window: float | None = None
+        if "dedupe_window" in raw:
+            window = self.duration(raw, "dedupe_window", path)
+            ok = ok and window is not None
+            if "dedupe" not in raw:
+                self.problem(
+                    f"{path}.dedupe_window",
+                    "only with a dedupe: the window is how long a dedupe key is remembered",
+                )
+                ok = False
+        elif dedupe is not None:
+            window = DEFAULT_DEDUPE_WINDOW_S
+        if not ok or template is None:
+            return None
+        assert isinstance(trigger_id, str) and isinstance(event, str)
+        return Trigger(trigger_id, event, template, when, dedupe, window)
+
+    def trigger_inputs(
+        self, raw: Any, path: str, inputs: Mapping[str, InputSpec]
+    ) -> Template | None:
+        if not isinstance(raw, Mapping):
+            self.problem(path, "an object of input name to value (values may hold ${...})")
+            return None
+        for key, value in raw.items():
+            spec = inputs.get(str(key))
+            if spec is None:
+                self.problem(f"{path}.{key}", "not an input of this definition")
+                continue
+            static = not isinstance(value, str) or "${" not in value  # else typed when rendered
+            if static and (err := check_input_value(spec.type, value)):
+                self.problem(f"{path}.{key}", err)
+        for name, spec in inputs.items():
+            if spec.required and name not in raw:
+                self.problem(path, f"input {name!r} is required (it has no default): give it here")
+        return self.template(raw, path, "", TRIGGER_ROOTS, EVENT_TRIGGER_FIELDS)
 
     def duration(
         self, raw: Mapping[str, Any], key: str, path: str, *, zero_ok: bool = False

@@ -17,9 +17,12 @@ nothing here hands text to Python's own evaluator. From loosest to tightest bind
                       [a, b], (a), and the root names `inputs` and `steps`, which are the only
                       names there are
 
-Expressions see `{"inputs": {...}, "steps": {"<id>": {"output": ...}}}`. Access is null-safe: a
-missing key, an index out of range, or any access on null gives null, because a step in a branch
-not taken has no entry in `steps`. Otherwise types are strict: booleans are not numbers
+Expressions see `{"inputs": {...}, "steps": {"<id>": {"output": ...}}}`; definitions also let
+them start from `trigger` (how the instance was started: definitions.py, "Triggers"), and a
+wait's `when` from `signal`: `parse`, `compile_template` and `compile_fields` take the names
+allowed as `roots`. Access is null-safe: a missing key, an index out of range, or any access on
+null gives null, because a step in a branch not taken has no entry in `steps` (and an instance
+started through the API has no `trigger`). Otherwise types are strict: booleans are not numbers
 (`true == 1` is false), `+` never converts to text, and ordering needs two numbers or two
 strings; anything else raises EvaluationError naming the operation and the types.
 
@@ -488,10 +491,12 @@ class _Parser:
             return _Root(tok.text)
         if tok.kind == "name" and tok.text not in _KEYWORDS:
             hint = f" (did you mean {_PYTHONISMS[tok.text]!r}?)" if tok.text in _PYTHONISMS else ""
-            names = ", ".join(self.roots[:-1]) + f" and {self.roots[-1]}"
-            raise ExpressionError(
-                f"unknown name {tok.text!r}{hint}; the only names are {names}", tok.pos
-            )
+            if len(self.roots) == 1:
+                only = f"the only name is {self.roots[0]}"
+            else:
+                only = "the only names are " + ", ".join(self.roots[:-1])
+                only += f" and {self.roots[-1]}"
+            raise ExpressionError(f"unknown name {tok.text!r}{hint}; {only}", tok.pos)
         if tok.kind == "op" and tok.text == "(":
             node = self.nested(tok)
             self.expect(")", tok)
@@ -682,11 +687,14 @@ def _key_path(path: str, key: str) -> str:
 
 
 class _TemplateCompiler:
-    def __init__(self, max_expression_length: int | None = None) -> None:
+    def __init__(
+        self, max_expression_length: int | None = None, roots: tuple[str, ...] = ROOT_NAMES
+    ) -> None:
         self.problems: list[tuple[str, str]] = []
         self.references: set[tuple[str, ...]] = set()
         self.static = True
         self.max_expression_length = max_expression_length
+        self.roots = roots
 
     def value(self, value: Any, path: str) -> _TNode:
         if isinstance(value, str):
@@ -728,7 +736,7 @@ class _TemplateCompiler:
                 i = close + 1
                 continue
             try:
-                node, refs = _compile(text, opening + 2, close)
+                node, refs = _compile(text, opening + 2, close, self.roots)
             except ExpressionError as exc:
                 self.problems.append((path, str(exc)))
             else:
@@ -748,14 +756,19 @@ class _TemplateCompiler:
 
 
 def compile_template(
-    value: Any, path: str = "with", *, max_expression_length: int | None = None
+    value: Any,
+    path: str = "with",
+    *,
+    max_expression_length: int | None = None,
+    roots: tuple[str, ...] = ROOT_NAMES,
 ) -> Template:
     """Compile a JSON value's `${...}` ahead of time, or raise TemplateError with every problem.
 
     Dict keys are not templated. `$${` stands for a literal `${`. An expression (what one
-    `${...}` holds) longer than `max_expression_length` characters is a problem.
+    `${...}` holds) longer than `max_expression_length` characters is a problem. `roots`: the
+    names its expressions may start from.
     """
-    compiler = _TemplateCompiler(max_expression_length)
+    compiler = _TemplateCompiler(max_expression_length, roots)
     root = compiler.value(value, path)
     if compiler.problems:
         raise TemplateError(compiler.problems)
@@ -763,13 +776,17 @@ def compile_template(
 
 
 def compile_fields(
-    value: Mapping[str, Any], path: str = "with", *, max_expression_length: int | None = None
+    value: Mapping[str, Any],
+    path: str = "with",
+    *,
+    max_expression_length: int | None = None,
+    roots: tuple[str, ...] = ROOT_NAMES,
 ) -> tuple[Template | None, dict[str, frozenset[tuple[str, ...]]], list[tuple[str, str]]]:
     """`compile_template` of an object, in one pass, keeping each field's references apart.
 
     Returns the template (None when there is any problem), the references of each field that
     compiled without a problem, and every problem (never raises)."""
-    compiler = _TemplateCompiler(max_expression_length)
+    compiler = _TemplateCompiler(max_expression_length, roots)
     fields: dict[str, frozenset[tuple[str, ...]]] = {}
     items: list[tuple[str, _TNode]] = []
     everything: set[tuple[str, ...]] = set()

@@ -21,6 +21,7 @@ Where each rule lives:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -62,9 +63,13 @@ def apply(
     event: Event,
     now: datetime,
     policy: Policy | None = None,
+    *,
+    trigger: Mapping[str, Any] | None = None,
 ) -> Transition:
-    """The pure transition function: never mutates `state`."""
-    run = Run(definition, state, now, policy or _DEFAULT_POLICY)
+    """The pure transition function: never mutates `state`. `trigger`: how the instance was
+    started, what its expressions see as `trigger` (definitions.py: `trigger_for_event`,
+    `trigger_for_schedule`); None (the default) for an instance started through the API."""
+    run = Run(definition, state, now, policy or _DEFAULT_POLICY, trigger)
     match event:
         case Start():
             commands.start(run)

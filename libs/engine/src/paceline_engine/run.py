@@ -14,6 +14,7 @@ the activities it names (state.py, `NotLoaded`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -83,9 +84,17 @@ def at(moment: datetime | None) -> str:
 
 class Run:
     def __init__(
-        self, definition: Definition, state: InstanceState, now: datetime, policy: Policy
+        self,
+        definition: Definition,
+        state: InstanceState,
+        now: datetime,
+        policy: Policy,
+        trigger: Mapping[str, Any] | None = None,
     ) -> None:
         self.definition = definition
+        self.trigger = trigger
+        """How the instance was started, as its expressions see it (`trigger`); None when
+        started through the API (definitions.py: `trigger_for_event`, `trigger_for_schedule`)."""
         self.layout = layout_of(definition)
         self.state = state.copy_for_transition()
         self.before = {step: a.status for step, a in self.state.activities.items()}
@@ -128,8 +137,9 @@ class Run:
         return self.state.counts.get(status.value, 0) - before + now
 
     def context(self, references: frozenset[tuple[str, ...]]) -> dict[str, Any]:
-        """What an expression with these `references` sees: `inputs`, and the output of each
-        finished step it names (loaded first: may raise NotLoaded)."""
+        """What an expression with these `references` sees: `inputs`, the output of each
+        finished step it names (loaded first: may raise NotLoaded), and `trigger` when the
+        instance was started by an event or a schedule (absent, so null, otherwise)."""
         steps: dict[str, Any] = {}
         named = {r[1] for r in references if r[0] == "steps" and len(r) > 1}
         if any(r == ("steps",) for r in references):
@@ -144,7 +154,10 @@ class Run:
             activity = self.state.activities.get(step)
             if activity is not None and activity.status in DONE:
                 steps[step] = {"output": activity.output}
-        return {"inputs": self.state.inputs, "steps": steps}
+        context: dict[str, Any] = {"inputs": self.state.inputs, "steps": steps}
+        if self.trigger is not None:
+            context["trigger"] = self.trigger
+        return context
 
     @property
     def layout_steps(self) -> Any:

@@ -26,6 +26,7 @@ from paceline_engine.definitions import (
     MAX_DURATION_S,
     MAX_EXPRESSION_LENGTH,
     MAX_STEPS,
+    MAX_TRIGGERS,
 )
 
 PLACEHOLDER = "x-paceline-schema"
@@ -160,12 +161,43 @@ COMPONENTS: dict[str, dict[str, Any]] = {
                 "those inside conditions and parallel branches, nested at most 16 deep; step "
                 "ids are unique in the whole definition.",
             },
+            "triggers": {
+                "type": "array",
+                "maxItems": MAX_TRIGGERS,
+                "items": ref("Trigger"),
+                "description": "Events that start an instance (docs/definitions.md#triggers); "
+                "trigger ids are unique.",
+            },
         },
         ("name", "steps"),
         description="A process definition (docs/definitions.md), also as the body of a "
         "definition sent as YAML. The engine's parser checks what a schema cannot: unique "
         "step ids, expressions, what each expression reads, the limits, each activity type's "
         "parameters; each problem is listed in a 422 `invalid-definition`.",
+    ),
+    "Trigger": _object(
+        {
+            "id": {"type": "string", "pattern": STEP_ID_PATTERN},
+            "event": {
+                "type": "string",
+                "pattern": r"^[A-Za-z0-9_.:/-]{1,200}$",
+                "description": "The event type it listens to (exact match).",
+            },
+            "description": _TEXT,
+            "when": _EXPRESSION,
+            "inputs": {
+                "type": "object",
+                "description": "The instance's inputs; values may hold `${...}` reading "
+                "`trigger.event`.",
+                "propertyNames": {"pattern": STEP_ID_PATTERN},
+                "additionalProperties": ref("JsonValue"),
+            },
+            "dedupe": _EXPRESSION,
+            "dedupe_window": _duration(zero=False),
+        },
+        ("id", "event"),
+        description="A subscription to events of one type: each event for which `when` is "
+        "true starts an instance with `inputs` rendered from it.",
     ),
     "InputSpec": {
         "description": "An input: its type, and a default (which makes it optional).",
