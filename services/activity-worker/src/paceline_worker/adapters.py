@@ -44,6 +44,7 @@ from paceline_engine.activity_types import (
     SleepParams,
 )
 from paceline_infra.children import die_with_parent
+from paceline_worker import orphans
 
 Adapter = Callable[[Any], Awaitable[Any]]
 
@@ -484,7 +485,9 @@ async def _start(params: ShellCommandParams) -> asyncio.subprocess.Process:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, **params.env},
+            # Marked with its owners, and so is all it starts: what outlives this process is
+            # killed by the janitor of a worker on this host (orphans.py).
+            env=orphans.marked({**os.environ, **params.env}),
             cwd=params.cwd,
             # Its own process group, so that stopping it also stops what it started.
             start_new_session=True,

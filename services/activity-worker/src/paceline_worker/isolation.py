@@ -22,6 +22,7 @@ from typing import Any
 
 from paceline_contracts.messages import ActivityTask
 from paceline_infra.children import die_with_parent
+from paceline_worker import orphans
 from paceline_worker.adapters import ActivityFailure
 
 STOP_GRACE_S = 10.0
@@ -47,6 +48,9 @@ async def run_isolated(task: ActivityTask) -> Any:
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        # Marked with this worker as its owner; the runner adds itself for what it starts, so
+        # that is killed when either dies (orphans.py).
+        env=orphans.marked(os.environ),
         start_new_session=True,
         # A SIGTERM when its worker dies: no suspect runs on unattended (its message goes back
         # to the queue and runs again elsewhere).
@@ -57,6 +61,11 @@ async def run_isolated(task: ActivityTask) -> Any:
     except BaseException:
         await _stop(proc)
         raise
+    finally:
+        if proc.returncode not in (0, None):
+            # It died, or was stopped: what it started is killed now, not at the next sweep.
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(orphans.sweep)
     return _outcome(proc, stdout, stderr)
 
 

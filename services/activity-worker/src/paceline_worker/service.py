@@ -12,7 +12,7 @@ from paceline_contracts.states import ServerStatus
 from paceline_infra import amqp, telemetry
 from paceline_infra.identity import ServerIdentity
 from paceline_infra.presence import Presence
-from paceline_worker import http_tracing
+from paceline_worker import http_tracing, orphans
 from paceline_worker.claims import Claimer
 from paceline_worker.runner import ActivityRunner, RunnerConfig
 from paceline_worker.settings import WorkerSettings
@@ -21,8 +21,14 @@ log = logging.getLogger(__name__)
 
 
 async def serve(settings: WorkerSettings, identity: ServerIdentity, stop: asyncio.Event) -> None:
+    # First: what activities of a dead worker on this host left running is killed at once.
+    janitor = asyncio.create_task(orphans.janitor(), name="orphans")
     provider = telemetry.setup_tracing(identity, settings)
-    connection = await amqp.connect(settings, identity.id)
+    try:
+        connection = await amqp.connect(settings, identity.id)
+    except BaseException:
+        janitor.cancel()
+        raise
     try:
         async with http_tracing.instrument(httpx.AsyncClient()) as http:
             publisher = await amqp.Publisher.open(connection, settings.namespace)
@@ -74,6 +80,7 @@ async def serve(settings: WorkerSettings, identity: ServerIdentity, stop: asynci
             await presence.announce(ServerStatus.DRAINED)
             await beating
     finally:
+        janitor.cancel()
         await connection.close()
         provider.shutdown()
         log.info("worker %s stopped", identity.id)
