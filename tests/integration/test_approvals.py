@@ -153,6 +153,9 @@ async def wait_asked(s: Env, instance_id: str, timeout: float = 30) -> dict[str,
         assert (wait["kind"], wait["step"]) == ("approval", "ok"), wait
         found = await s.api.get("/v1/approvals", params={"definition": body["definition"]})
         items = [a for a in found.json()["items"] if a["instance_id"] == instance_id]
+        # Created with the WAITING step, in one transaction: the wait names it at once.
+        assert [wait["approval_id"]] == [a["id"] for a in items], (wait, items)
+        assert wait["since"] is not None
         return items[0] if items else None
 
     return dict(await wait_for(waiting, timeout, f"{instance_id} to wait for its approval"))

@@ -234,8 +234,8 @@ class _Words:
         self.details.append(f"It waits for {len(waits)} wait step(s), the soonest due first:")
         for w in waits:
             step, due = w.get("step"), w.get("due_at")
-            begun = self._activity(step)
-            since = f", since {self.at(begun.get('started_at'))}" if begun else ""
+            begun = w.get("since") or (self._activity(step) or {}).get("started_at")
+            since = f", since {self.at(begun)}" if begun else ""
             if w.get("kind") == "timer":
                 self.details.append(f"• step {step}: a timer, due {self.at(due)}{since}.")
             elif w.get("kind") == "signal":
@@ -250,10 +250,10 @@ class _Words:
                 )
             elif w.get("kind") == "approval":
                 until = f"decided by {self.at(due)}" if due else "with no time-out"
+                approval = w.get("approval_id") or "{approval_id}"
                 self.details.append(
-                    f"• step {step}: an approval, {until}{since}. Its approvers decide with "
-                    "POST /v1/approvals/{approval_id}/decision (GET /v1/approvals?status=PENDING"
-                    f"&definition={self.i.get('definition')} lists it)."
+                    f"• step {step}: the approval {approval}, {until}{since}. Its approvers "
+                    f"decide with POST /v1/approvals/{approval}/decision."
                 )
             else:
                 self.details.append(f"• step {step}: {w.get('kind')}, due {self.at(due)}.")

@@ -197,13 +197,23 @@ class WaitingActivity(BaseModel):
 class WaitView(BaseModel):
     """A `wait` step the instance is waiting in."""
 
-    kind: str = Field(description="`timer` (a `for` or an `until`) or `signal`.")
+    kind: str = Field(
+        description="`timer` (a `for` or an `until`), `signal`, or `approval` (an `approval` "
+        "activity waiting for its decision)."
+    )
     step: str
+    since: datetime | None = Field(
+        default=None, description="When the wait began (the step's start; the database's time)."
+    )
     due_at: datetime | None = Field(
-        description="When the timer fires, or the signal's timeout (null: none); the "
-        "database's time, fixed when the wait started."
+        description="When the timer fires, or the signal's or approval's timeout (null: none); "
+        "the database's time, fixed when the wait started."
     )
     signal: str | None = Field(description="The signal's name, for a signal.")
+    approval_id: UUID | None = Field(
+        default=None,
+        description="For an approval: its id, to decide it (`POST /v1/approvals/{id}/decision`).",
+    )
 
 
 class CancelInfo(BaseModel):

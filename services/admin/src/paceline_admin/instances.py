@@ -171,6 +171,18 @@ async def get_instance(instance_id: IdParam, pool: Db, lost_after_s: LostAfter) 
             else (None, False)
         )
         running = await store.open_activities(conn, instance_id) if not status.is_final else {}
+        approvals = (
+            {
+                (r["step"], r["attempt"]): r["id"]
+                for r in await conn.fetch(
+                    "SELECT step, attempt, id FROM approvals"
+                    " WHERE instance_id = $1 AND status = 'PENDING'",
+                    instance_id,
+                )
+            }
+            if running
+            else {}
+        )
     state: dict[str, Any] = row["state"] or {}
     shown = page[:MAX_EMBEDDED_ACTIVITIES]
     activities: dict[str, Any] = {r["step"]: r["state"] for r in shown}
@@ -194,13 +206,17 @@ async def get_instance(instance_id: IdParam, pool: Db, lost_after_s: LostAfter) 
         ),
         activity_count=total,
         outputs_truncated=outputs_truncated,
-        waiting_for=_waits(running),
+        waiting_for=_waits(running, approvals),
         activities_truncated=total > len(shown),
         cancel=_cancel_view(row, state, running),
     )
 
 
-def _waits(open_activities: dict[str, Any]) -> list[WaitView]:
+def _waits(
+    open_activities: dict[str, Any], approvals: dict[tuple[str, int], UUID]
+) -> list[WaitView]:
+    """The waits of the open activities; `approvals` maps (step, attempt) to the id of each
+    pending approval."""
     views = []
     for step, a in open_activities.items():
         waiting = a.get("waiting") if isinstance(a, dict) else None
@@ -209,8 +225,10 @@ def _waits(open_activities: dict[str, Any]) -> list[WaitView]:
                 WaitView(
                     kind=waiting.get("kind", "timer"),
                     step=step,
+                    since=a.get("started_at"),
                     due_at=waiting.get("due_at"),
                     signal=waiting.get("signal"),
+                    approval_id=approvals.get((step, a.get("attempt", 0))),
                 )
             )
     return sorted(views, key=lambda v: (v.due_at is None, v.due_at or 0, v.step))
