@@ -604,7 +604,11 @@ async def test_an_instance_shows_the_waits_it_is_in(
         ("signal", "ready", "device_ready"),
         ("signal", "forever", "go"),
     ]
-    assert [w.keys() for w in shown["waiting_for"]] == [{"kind", "step", "due_at", "signal"}] * 3
+    keys = {"kind", "step", "since", "due_at", "signal", "approval_id"}
+    assert [w.keys() for w in shown["waiting_for"]] == [keys] * 3
+    # Since the step began (as written above: 5 s before now); no approval among them.
+    assert all(datetime.fromisoformat(w["since"]) < now() for w in shown["waiting_for"])
+    assert [w["approval_id"] for w in shown["waiting_for"]] == [None] * 3
     due = [w["due_at"] and datetime.fromisoformat(w["due_at"]) for w in shown["waiting_for"]]
     assert due == [timer_due, signal_due, None]
     activities = {a["step"]: a for a in shown["activities"]}
