@@ -56,15 +56,18 @@ def _of_instance(spans: Iterable[Span], instance_id: str) -> list[Span]:
 
 
 async def _trace_of(
-    receiver: Receiver, trace_id: str, *, until: str, timeout: float = 20
+    receiver: Receiver, trace_id: str, *, status: str, timeout: float = 20
 ) -> list[Span]:
-    """The spans of `trace_id` once one named `until` (a regular expression) arrived and the
-    exporters had a moment to send what they still held."""
+    """The spans of `trace_id` once the scheduler's span of the instance's move to `status`
+    arrived, and the exporters had a moment to send what they still held."""
 
     def arrived() -> bool:
-        return any(s.trace_id == trace_id and re.fullmatch(until, s.name) for s in receiver.spans())
+        return any(
+            s.trace_id == trace_id and s.attributes.get("paceline.instance.status") == status
+            for s in receiver.spans()
+        )
 
-    await wait_for(arrived, timeout, f"a span {until!r} in trace {trace_id}")
+    await wait_for(arrived, timeout, f"the span of {status} in trace {trace_id}")
     await asyncio.sleep(1.5)  # OTEL_BSP_SCHEDULE_DELAY is 0.5 s: the rest of the batch
     return [s for s in receiver.spans() if s.trace_id == trace_id]
 
@@ -175,7 +178,7 @@ async def test_one_trace_per_instance_with_messaging_spans_and_no_secret(
     ids = [s["trace_id"] for s in started]
     assert len(set(ids)) == 2 and caller_trace not in ids
     for s in started:
-        trace = await _trace_of(receiver, s["trace_id"], until=r"process events|process results")
+        trace = await _trace_of(receiver, s["trace_id"], status="COMPLETED")
         _assert_one_trace(receiver.spans(), s["id"], s["trace_id"])
         _assert_no_orphans(trace)
         services = {x.service for x in trace}
@@ -226,7 +229,7 @@ async def test_one_trace_per_instance_with_messaging_spans_and_no_secret(
 
     # A failed activity and a FAILED instance: status ERROR with error.type.
     failed = (await api.get(f"/v1/instances/{failing}")).json()
-    trace = await _trace_of(receiver, failed["trace_id"], until=r"process events|process results")
+    trace = await _trace_of(receiver, failed["trace_id"], status="FAILED")
     _assert_no_orphans(trace)
     [run] = [x for x in trace if x.name == "activity shell.command"]
     assert run.status == "ERROR" and run.attributes["error.type"]
@@ -238,7 +241,7 @@ async def test_one_trace_per_instance_with_messaging_spans_and_no_secret(
 
     # A cancel continues the instance's trace.
     cancelled = (await api.get(f"/v1/instances/{napping}")).json()
-    trace = await _trace_of(receiver, cancelled["trace_id"], until="cancel instance")
+    trace = await _trace_of(receiver, cancelled["trace_id"], status="CANCELLED")
     [cancel] = [x for x in trace if x.name == "cancel instance"]
     assert cancel.attributes["paceline.by"] == "admin"
     _assert_one_trace(receiver.spans(), napping, cancelled["trace_id"])
@@ -288,7 +291,7 @@ async def test_killed_restartable_attempt_is_in_the_trace(
     stack.kill(service_of(stack, dead).name)
     done = await wait_status(api, instance_id, "COMPLETED")
 
-    trace = await _trace_of(receiver, done["trace_id"], until=r"process events|process results")
+    trace = await _trace_of(receiver, done["trace_id"], status="COMPLETED")
     _assert_one_trace(receiver.spans(), instance_id, done["trace_id"])
     _assert_no_orphans(trace)
     [lost] = [x for x in trace if x.name == f"attempt 1 on {dead}: outcome unknown"]
@@ -345,7 +348,7 @@ async def test_flagged_then_retried_post_in_one_trace(
     assert r.status_code == 202, r.text
     done = await wait_status(api, instance_id, "COMPLETED")
 
-    trace = await _trace_of(receiver, done["trace_id"], until=r"process events|process results")
+    trace = await _trace_of(receiver, done["trace_id"], status="COMPLETED")
     _assert_one_trace(receiver.spans(), instance_id, done["trace_id"])
     _assert_no_orphans(trace)
     [lost] = [x for x in trace if x.name == f"attempt 1 on {dead}: outcome unknown"]
