@@ -299,11 +299,13 @@ def in_instance(
 ) -> Iterator[trace.Span]:
     """A span in an instance's own trace (a child of its stored root span), linked to the
     caller's span (e.g. the HTTP request that asked for a cancel)."""
-    caller = trace.get_current_span().get_span_context()
     with tracer().start_as_current_span(
-        name,
-        context=stored(traceparent),
-        links=[Link(caller)] if caller.is_valid else [],
-        attributes=dict(attributes),
+        name, context=stored(traceparent), links=caller_links(), attributes=dict(attributes)
     ) as span:
         yield span
+
+
+def caller_links() -> list[Link]:
+    """A link to the current span (the caller's request), when there is one."""
+    caller = trace.get_current_span().get_span_context()
+    return [Link(caller)] if caller.is_valid else []

@@ -14,20 +14,22 @@ from collections.abc import MutableMapping
 from typing import Any
 
 from fastapi.telemetry import TelemetryConfig
+from opentelemetry import propagate, trace
 
 NEVER_TRACED = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
 READS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def _asked(scope: MutableMapping[str, Any]) -> bool:
-    for name, value in scope.get("headers", []):
-        if name == b"traceparent":
-            flags = value.decode("latin-1").strip().split("-")[-1]
-            try:
-                return len(flags) == 2 and int(flags, 16) & 1 == 1
-            except ValueError:
-                return False  # a garbled header: not an ask
-    return False
+    """The request carries a valid, sampled W3C `traceparent` (parsed by OpenTelemetry's own
+    propagator: a garbled one is no ask)."""
+    carrier = {
+        name.decode("latin-1"): value.decode("latin-1")
+        for name, value in scope.get("headers", [])
+        if name == b"traceparent"
+    }
+    context = trace.get_current_span(propagate.extract(carrier)).get_span_context()
+    return context.is_valid and context.trace_flags.sampled
 
 
 def untraced(scope: MutableMapping[str, Any]) -> bool:

@@ -180,7 +180,7 @@ async def get_instance(instance_id: IdParam, pool: Db, lost_after_s: LostAfter) 
                     instance_id,
                 )
             }
-            if running
+            if any(_waits_for_approval(a) for a in running.values())
             else {}
         )
     state: dict[str, Any] = row["state"] or {}
@@ -210,6 +210,11 @@ async def get_instance(instance_id: IdParam, pool: Db, lost_after_s: LostAfter) 
         activities_truncated=total > len(shown),
         cancel=_cancel_view(row, state, running),
     )
+
+
+def _waits_for_approval(activity: Any) -> bool:
+    waiting = activity.get("waiting") if isinstance(activity, dict) else None
+    return isinstance(waiting, dict) and waiting.get("kind") == "approval"
 
 
 def _waits(

@@ -25,7 +25,7 @@ from paceline_engine.state import InstanceState
 from paceline_infra import outbox
 from paceline_infra.amqp import Publisher
 from paceline_infra.outbox import OutboxMessage
-from paceline_infra.telemetry import inject, trace_id_hex, tracer
+from paceline_infra.telemetry import caller_links, inject, trace_id_hex, tracer
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +110,10 @@ def instance_root(
     """The instance's root span: a fresh trace of its own (one per instance, whatever the
     caller sent), always recorded, linked to the caller's span. Every later span of the
     instance descends from it: its context is stored with the instance."""
-    caller = trace.get_current_span().get_span_context()
     with tracer().start_as_current_span(
         f"instance {definition}",
         context=Context(),
-        links=[trace.Link(caller)] if caller.is_valid else [],
+        links=caller_links(),
         attributes={
             "paceline.instance_id": str(instance_id),
             "paceline.definition": definition,
