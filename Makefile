@@ -22,7 +22,7 @@ migrate: install services
 lint: install
 	$(RUN) ruff check .
 	$(RUN) ruff format --check .
-	$(RUN) mypy libs/contracts/src libs/engine/src libs/infra/src services/scheduler/src \
+	$(RUN) mypy libs/contracts/src libs/engine/src libs/infra/src libs/starts/src services/scheduler/src \
 		services/activity-worker/src services/reporting/src services/admin/src \
 		clients/cli/src
 

@@ -1,5 +1,5 @@
 """SQL for instances, their activities and their history. The admin API only inserts PENDING
-instances; every later change is the scheduler's.
+instances (paceline_starts.instances); every later change is the scheduler's.
 
 An instance is a small document (`instances.state`: status, inputs, counters) and one row per
 activity (`activities`, with the step's depth-first `position` in the definition, NULL for a
@@ -28,42 +28,6 @@ _DETAIL = f"""
     LEFT JOIN cancel_requests c ON c.instance_id = i.id
     WHERE i.id = $1
 """  # noqa: S608 (constants only)
-
-
-async def insert_pending(
-    conn: asyncpg.Connection,
-    *,
-    instance_id: UUID,
-    definition: str,
-    version: int,
-    state: dict[str, Any],
-    trace_id: str | None,
-    traceparent: str | None,
-    started_by: str,
-    idempotency_key: str | None,
-    request_hash: str | None,
-) -> asyncpg.Record | None:
-    """The new row, or None when another request already used `idempotency_key` (it waits
-    for that request's transaction, so two concurrent retries never make two instances)."""
-    row: asyncpg.Record | None = await conn.fetchrow(
-        """
-        INSERT INTO instances (id, definition, version, status, state, trace_id, traceparent,
-                               started_by, started_how, idempotency_key, request_hash)
-        VALUES ($1, $2, $3, 'PENDING', $4::jsonb, $5, $6, $7, 'api', $8, $9)
-        ON CONFLICT (idempotency_key) DO NOTHING
-        RETURNING id, status, definition, version, trace_id
-        """,
-        instance_id,
-        definition,
-        version,
-        state,
-        trace_id,
-        traceparent,
-        started_by,
-        idempotency_key,
-        request_hash,
-    )
-    return row
 
 
 async def by_idempotency_key(pool: asyncpg.Pool, key: str) -> asyncpg.Record | None:

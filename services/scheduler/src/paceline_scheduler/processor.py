@@ -231,7 +231,9 @@ class Processor:
                     continue  # a decision recorded first wins; its command ends the approval
                 for _ in range(_MAX_LOADS):
                     try:
-                        transition = machine.apply(definition, state, event, now, self._policy)
+                        transition = machine.apply(
+                            definition, state, event, now, self._policy, trigger=row.trigger
+                        )
                         break
                     except NotLoaded as need:
                         # `state` is what the earlier events of the batch made it: loading

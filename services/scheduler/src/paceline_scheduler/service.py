@@ -1,4 +1,5 @@
-"""The scheduler process: commands, claims and results in; the outbox relay; the registry."""
+"""The scheduler process: commands, claims and results in; the outbox relay; the registry;
+the schedules' firing loop."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from paceline_infra.batching import Batcher, drive
 from paceline_infra.identity import ServerIdentity
 from paceline_infra.outbox import Relay
 from paceline_infra.presence import Presence
+from paceline_scheduler.fires import Fires
 from paceline_scheduler.processor import Processor
 from paceline_scheduler.registry import Registry
 from paceline_scheduler.settings import SchedulerSettings
@@ -43,6 +45,7 @@ async def serve(settings: SchedulerSettings, identity: ServerIdentity, stop: asy
         tasks = [
             asyncio.create_task(presence.run(), name="presence"),
             asyncio.create_task(Relay(pool, publisher).run(stop), name="outbox-relay"),
+            asyncio.create_task(Fires(pool, publisher).run(stop), name="schedules"),
             asyncio.create_task(
                 drive(
                     beats,

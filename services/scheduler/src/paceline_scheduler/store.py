@@ -31,13 +31,16 @@ class InstanceRow:
     started_by: str
     started_how: str
     created_at: datetime
+    trigger: dict[str, Any] | None = None
+    """What its expressions see as `trigger` (None: started through the API)."""
 
 
 async def lock_instances(conn: asyncpg.Connection, ids: Sequence[UUID]) -> dict[UUID, InstanceRow]:
     """Lock the rows in id order, so two schedulers never deadlock on the same pair."""
     rows = await conn.fetch(
         """
-        SELECT id, definition, version, state, traceparent, started_by, started_how, created_at
+        SELECT id, definition, version, state, traceparent, started_by, started_how, created_at,
+               trigger
         FROM instances WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
         """,
         sorted(set(ids)),
@@ -52,6 +55,7 @@ async def lock_instances(conn: asyncpg.Connection, ids: Sequence[UUID]) -> dict[
             r["started_by"],
             r["started_how"],
             r["created_at"],
+            r["trigger"],
         )
         for r in rows
     }

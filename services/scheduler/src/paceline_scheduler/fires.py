@@ -1,0 +1,114 @@
+"""The firing loop: every scheduler fires the schedules that are due, by the database's clock.
+
+Each round takes the due schedules (`FOR UPDATE SKIP LOCKED`: schedulers running side by side
+share them, never fire one twice) and, for each, writes in one transaction its ledger rows,
+the instances its fires start with their start commands (outbox), and its next due time
+(paceline_starts.firing); the commands are published after the commit (by the relay if this
+scheduler dies first). A scheduler killed mid-round leaves its transaction undone: the rows
+unlock and the next round, here or elsewhere, decides the same nominal times again.
+
+Then it starts the buffered fires of schedules whose earlier run ended. It sleeps until the
+next due time, at most `POLL_S` (a schedule created or resumed meanwhile is seen then).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from contextlib import suppress
+
+import asyncpg
+
+from paceline_engine.schedule_spec import FireOutcome
+from paceline_infra import db, outbox
+from paceline_infra.amqp import Publisher
+from paceline_infra.outbox import OutboxMessage
+from paceline_starts import firing, schedule_store
+from paceline_starts.schedule_store import Schedule
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5
+"""Longest sleep between rounds."""
+BATCH = 50
+"""Schedules one transaction fires at most (each in a savepoint of its own)."""
+RETRY_S = 2.0
+"""Pause after a round failed (the database unreachable, say)."""
+_LEVELS = {FireOutcome.STARTED: logging.DEBUG, FireOutcome.START_FAILED: logging.WARNING}
+"""A fire that started is in the ledger and the instance's trace; a refused one is news."""
+
+
+class Fires:
+    def __init__(self, pool: asyncpg.Pool, publisher: Publisher) -> None:
+        self._pool = pool
+        self._publisher = publisher
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                full = await self.fire_due()
+                await self.release_buffered()
+                wait = 0.0 if full else await self._until_next_due()
+            except db.UNAVAILABLE:
+                log.warning("schedules: the database is unreachable; retrying in %.0fs", RETRY_S)
+                wait = RETRY_S
+            except Exception:
+                # The loop must outlive any one round: a schedule that breaks it is retried.
+                log.exception("schedules: a round failed; retrying in %.0fs", RETRY_S)
+                wait = RETRY_S
+            if wait > 0:
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), wait)
+
+    async def _until_next_due(self) -> float:
+        seconds = await schedule_store.seconds_to_next_due(self._pool)
+        return POLL_S if seconds is None else max(0.0, min(POLL_S, seconds))
+
+    async def fire_due(self) -> bool:
+        """One round of due schedules; True when it took a full batch (more may be due)."""
+        messages: list[OutboxMessage] = []
+        async with self._pool.acquire() as conn, conn.transaction():
+            now = await schedule_store.now(conn)
+            due = await schedule_store.due(conn, now, BATCH)
+            for schedule in due:
+                messages += await self._each(conn, schedule, firing.fire_due(conn, schedule, now))
+        await outbox.flush(self._pool, self._publisher, messages)
+        return len(due) == BATCH
+
+    async def release_buffered(self) -> None:
+        messages: list[OutboxMessage] = []
+        async with self._pool.acquire() as conn, conn.transaction():
+            now = await schedule_store.now(conn)
+            for schedule in await schedule_store.with_buffered(conn, BATCH):
+                messages += await self._each(
+                    conn, schedule, firing.release_buffered(conn, schedule, now)
+                )
+        await outbox.flush(self._pool, self._publisher, messages)
+
+    @staticmethod
+    async def _each(
+        conn: asyncpg.Connection, schedule: Schedule, work: Awaitable[firing.Written]
+    ) -> list[OutboxMessage]:
+        """One schedule in a savepoint: a schedule that cannot be fired (a bug, a row that no
+        longer parses) is logged and left due; the others of the round fire."""
+        try:
+            async with conn.transaction():
+                written = await work
+        except db.UNAVAILABLE:
+            raise
+        except Exception:
+            log.exception("schedule %s: could not fire; it stays due", schedule.id)
+            return []
+        for fire in written.fires:
+            level = _LEVELS.get(fire.outcome, logging.INFO)
+            log.log(
+                level,
+                "schedule %s: %s %s (%s)%s",
+                schedule.id,
+                fire.nominal_at.isoformat(),
+                fire.outcome.value,
+                fire.reason,
+                f" instance {fire.instance_id}" if fire.instance_id else "",
+            )
+        return written.messages
