@@ -5,7 +5,9 @@
                            [--scaling-in-flight N]
                            [--waiting-instances 100000] [--due-timers 10000]
                            [--waiting-settle-s 30]
-                           [--scenarios throughput,failover,scaling]
+                           [--trigger-schedules 1000] [--trigger-seconds 60]
+                           [--trigger-events 10000]
+                           [--scenarios throughput,failover,scaling,triggers]
 
 throughput  --processes instances of --steps noop steps, started over the admin API (64 requests
             in flight) against the stack `make run` starts (1 scheduler, 2 workers, reporting,
@@ -70,6 +72,12 @@ waiting     not in the default list (opt in: --scenarios waiting; the whole defa
             relay's backlog of due timers (outbox_due_peak; outbox_drained_after_s: all
             published to the commands queue) and the commands queue's peak of ready messages
             (published, not yet delivered to the scheduler).
+triggers    schedules and events (deploy/bench_triggers.py has the details): --trigger-schedules
+            schedules (default 1,000) firing every second for --trigger-seconds (60), one noop
+            each: fire_lateness_p50/p99/max_ms from the fire ledger (instance created minus the
+            fire's due instant), fires against fires_expected, fires_started_per_s, and
+            instances_per_s (running them); then --trigger-events (10,000) events posted 64 at a
+            time, each starting one instance: events_accepted_per_s, event_answer_p50/p99_ms.
 
 Each scenario runs a stack of its own (own namespace and databases, dropped afterwards), so it
 runs next to `make run`. Progress goes to stderr; stdout carries only the JSON lines.
@@ -89,6 +97,7 @@ from typing import Any
 import asyncpg
 from bench_common import define, percentile, running_stack, say, start_many, wait_ended
 from bench_scaling import scaling
+from bench_triggers import triggers
 from bench_waiting import waiting
 from chaos_api import Api
 from effect_sink import Sink
@@ -271,7 +280,10 @@ async def main(argv: list[str]) -> int:
     parser.add_argument("--waiting-instances", type=int, default=100_000)
     parser.add_argument("--due-timers", type=int, default=10_000)
     parser.add_argument("--waiting-settle-s", type=float, default=30.0)
-    parser.add_argument("--scenarios", default="throughput,failover,scaling")
+    parser.add_argument("--trigger-schedules", type=int, default=1000)
+    parser.add_argument("--trigger-seconds", type=int, default=60)
+    parser.add_argument("--trigger-events", type=int, default=10_000)
+    parser.add_argument("--scenarios", default="throughput,failover,scaling,triggers")
     args = parser.parse_args(argv)
     sizes = sorted(int(n) for n in args.scaling_steps.split(","))
     scenarios = {
@@ -279,6 +291,9 @@ async def main(argv: list[str]) -> int:
         "failover": lambda: failover(args.kills),
         "scaling": lambda: scaling(sizes, args.scaling_activities, args.scaling_in_flight),
         "waiting": lambda: waiting(args.waiting_instances, args.due_timers, args.waiting_settle_s),
+        "triggers": lambda: triggers(
+            args.trigger_schedules, args.trigger_seconds, args.trigger_events
+        ),
     }
     for scenario in args.scenarios.split(","):
         if scenario not in scenarios:

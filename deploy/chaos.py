@@ -42,6 +42,7 @@ from chaos_operator import OPEN, Operator
 from chaos_report import Reporter, fault_table, history_lines, invariant_table
 from chaos_roll import Roller
 from chaos_supervisor import Supervisor
+from chaos_triggers import Triggers
 from effect_sink import Sink
 from private_services import PrivatePostgres, PrivateRabbitMQ, PrivateServiceError
 from stack_env import AMQP_URL, DATABASE_URL, StackEnv, drop_everything
@@ -254,6 +255,8 @@ async def chaos(
         await wait_until("the stack to be ready", READY_S, all_up)
         load = Load(api, random.Random(f"{args.seed}/load"), args.rate)
         await load.define(sink.url)
+        triggers = Triggers(api)
+        await triggers.define()
         timings["set-up"] = time.monotonic() - mark
 
         faults = plan(random.Random(f"{args.seed}/plan"), args.faults, args.duration, args.kinds)
@@ -270,7 +273,11 @@ async def chaos(
             asyncio.create_task(supervisor.run(done)),
             asyncio.create_task(progress(rep, api, load, faults, supervisor, quiet)),
         ]
-        await asyncio.gather(load.run(rep.begin + args.duration), inject_all(rep, injector, faults))
+        await asyncio.gather(
+            load.run(rep.begin + args.duration),
+            triggers.run(rep.begin + args.duration),
+            inject_all(rep, injector, faults),
+        )
         await roller.finish()
         timings["faults and load"] = time.monotonic() - mark
 
@@ -302,6 +309,7 @@ async def chaos(
             rolls=roller.rolls,
             failed=operator.failed,
             settled=settled,
+            triggers=triggers,
         )
         timings["checks"] = time.monotonic() - mark
         done.set()

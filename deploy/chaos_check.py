@@ -18,6 +18,8 @@ from chaos_api import Api
 from chaos_cancels import late_posts, moment
 from chaos_load import POISON, POISON_STEP, POST_STEPS, TIMEOUT_STEP, Load, effect_path
 from chaos_roll import Roll
+from chaos_triggers import Triggers
+from chaos_triggers import checks as trigger_checks
 from stack_env import StackEnv, broker_of, queue_depths, queue_details, unsettled_holders
 
 EXAMPLES = 5
@@ -506,7 +508,12 @@ async def check_all(
     rolls: list[Roll],
     failed: set[tuple[str, str]],
     settled: bool,
+    triggers: Triggers,
 ) -> list[Check]:
+    started_otherwise = [
+        Check(name, ok, detail, examples)
+        for name, ok, detail, examples in await trigger_checks(env.database_url, triggers)
+    ]
     return [
         every_start_accepted(load),
         no_server_errors(api),
@@ -520,5 +527,6 @@ async def check_all(
         no_healthy_quarantined(seen),
         poison_failed(load, seen, failed, settled),
         kept_processing(rolls, seen),
+        *started_otherwise,
         await queues_empty(env),
     ]

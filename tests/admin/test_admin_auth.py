@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 SOME_ID = uuid.UUID("24d306c7-ae0c-49c3-ab61-235e0c4901ef")  # fixed: test ids must not vary
 SOME_APPROVAL = uuid.UUID("9b1c6f0e-3d2a-4e57-8f41-0c5d7a2b6e93")
+SOME_EVENT = uuid.UUID("4f0d9a51-7c3e-4b8a-9e26-1d5b8c7a3f40")
 V1_ROUTES = [
     ("POST", "/v1/definitions"),
     ("GET", "/v1/definitions"),
@@ -32,6 +33,18 @@ V1_ROUTES = [
     ("GET", "/v1/servers"),
     ("POST", "/v1/servers/some-server/drain"),
     ("DELETE", "/v1/servers/some-server"),
+    ("POST", "/v1/schedules"),
+    ("GET", "/v1/schedules"),
+    ("GET", "/v1/schedules/some-schedule"),
+    ("PATCH", "/v1/schedules/some-schedule"),
+    ("DELETE", "/v1/schedules/some-schedule"),
+    ("POST", "/v1/schedules/some-schedule/pause"),
+    ("POST", "/v1/schedules/some-schedule/resume"),
+    ("POST", "/v1/schedules/some-schedule/trigger"),
+    ("POST", "/v1/schedules/some-schedule/backfill"),
+    ("GET", "/v1/schedules/some-schedule/fires"),
+    ("POST", "/v1/events"),
+    ("GET", f"/v1/events/{SOME_EVENT}"),
 ]
 WRONG_CREDENTIALS = [
     None,
@@ -59,7 +72,9 @@ def test_the_route_table_covers_every_v1_route(app: FastAPI) -> None:
             .replace(str(SOME_ID), "{instance_id}")
             .replace(str(SOME_APPROVAL), "{approval_id}")
             .replace("some-step", "{step}")
-            .replace("some-server", "{server_id}"),
+            .replace("some-server", "{server_id}")
+            .replace("some-schedule", "{schedule_id}")
+            .replace(str(SOME_EVENT), "{event_id}"),
         )
         for method, path in V1_ROUTES
     }

@@ -99,13 +99,22 @@ def _node_id(request: pytest.FixtureRequest) -> None:
 
 STATE_DEPENDENT = frozenset(
     f"urn:paceline:problem:{kind}"
-    for kind in ("invalid-definition", "invalid-inputs", "idempotency-key-reused")
+    for kind in (
+        "invalid-definition",
+        "invalid-inputs",
+        "idempotency-key-reused",
+        "invalid-schedule",
+        "invalid-backfill",
+    )
 )
 """422 problems that no schema of one request can foresee, as a 404 or a 409 cannot: inputs
 that do not fit the stored definition the start names; an Idempotency-Key an earlier request
 used for another request; a definition whose shape is right but whose content is not (step ids
 unique across nested steps, the expression language, which earlier steps an expression may
-read, the limits summed over nested steps, each activity type's parameters)."""
+read, the limits summed over nested steps, each activity type's parameters); a schedule's spec
+and policy likewise (a cron expression croniter reads and some date matches, a zone of the
+time-zone database, an offset or a jitter shorter than the interval; and its inputs, as a
+start's); a backfill's window against the schedule's fire times and the database's clock."""
 
 
 @schema.parametrize()
@@ -192,7 +201,7 @@ def _run_workflow(workflow: Any) -> None:
 
 # --- what the document says, kind by kind ----------------------------------------------------
 
-CLOSED_SETS = {"status", "kind"}
+CLOSED_SETS = {"status", "kind", "outcome", "paused"}
 """Query parameters whose values come from a closed set."""
 
 
@@ -224,8 +233,9 @@ async def test_every_closed_set_has_an_enum_and_every_cursor_a_pattern(
                 (cursor,) = schemas
                 assert cursor["pattern"].startswith("^") and cursor["pattern"].endswith("$")
                 cursors.append(label)
-    assert len(closed) == 5  # instances, activities, approvals, and servers' kind and status
-    assert len(cursors) == 6
+    # instances, activities, approvals, servers' kind and status, schedules' paused, the ledger
+    assert len(closed) == 7
+    assert len(cursors) == 8
 
 
 async def test_every_field_of_a_request_body_is_typed(anon: httpx.AsyncClient) -> None:

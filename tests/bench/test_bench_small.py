@@ -108,3 +108,20 @@ def test_small_waiting_holds_waits_and_fires_every_due_timer() -> None:
         assert set(phase["waiting_for_cpu"]) == processes - {"postgres"}, phase
     assert set(waiting["starting"]["cpu_ms_per_start"]) == processes
     assert set(firing["cpu_ms_per_timer"]) == processes
+
+
+def test_small_triggers_fire_every_schedule_and_start_one_instance_per_event() -> None:
+    [triggers] = bench(
+        "--scenarios", "triggers", "--trigger-schedules", "20", "--trigger-seconds", "5",
+        "--trigger-events", "60", timeout=300,
+    )  # fmt: skip
+
+    assert triggers["scenario"] == "triggers"
+    assert triggers["fires_expected"] == 100
+    assert triggers["fires"] == triggers["fires_started"] == 100
+    assert 0 <= triggers["fire_lateness_p50_ms"] <= triggers["fire_lateness_p99_ms"]
+    assert triggers["fires_started_per_s"] > 0
+    assert triggers["instances_per_s"] > 0
+    assert triggers["events"] == triggers["event_instances"] == 60
+    assert triggers["events_accepted_per_s"] > 0
+    assert 0 < triggers["event_answer_p50_ms"] <= triggers["event_answer_p99_ms"]

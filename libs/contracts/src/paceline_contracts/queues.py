@@ -21,6 +21,9 @@ class Queue(StrEnum):
     SUSPECTS = "suspects"
     """Activity messages of suspects (a worker died while they ran, more than once): each is
     run alone in a runner process of its own, so that a crash is charged to its cause."""
+    EVENTS_IN = "events.in"
+    """Events from outside (`{type, id?, source?, data?}`, as `POST /v1/events` takes them),
+    consumed by the scheduler: each is recorded with the instances it starts."""
 
 
 class Stream(StrEnum):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from uuid import UUID
 
 import asyncpg
@@ -21,7 +21,9 @@ import asyncpg
 from paceline_contracts.messages import CancelInstance, InstanceCancelled
 from paceline_contracts.queues import Queue, Stream
 from paceline_engine.definitions import DefinitionError, resolve_inputs, trigger_for_schedule
+from paceline_engine.schedule_spec import nominal_times
 from paceline_engine.schedules import (
+    MISSED_AFTER,
     FireOutcome,
     Overlap,
     OverlapAction,
@@ -159,32 +161,56 @@ class _Firing:
             self.written.messages.extend(messages)
 
 
-async def fire_due(conn: asyncpg.Connection, schedule: Schedule, now: datetime) -> Written:
-    """Decide every nominal time of `schedule` due at `now` (the database's clock): its plan
-    (a resume's answer when it was just resumed), a ledger row per decision (skipped ranges
-    summarised), an instance per fire that starts; then the schedule's next due time.
-    Nominal times already in the ledger (a backfill or a triggered run got there first) are
-    left as they are."""
+async def fire_due(
+    conn: asyncpg.Connection,
+    schedule: Schedule,
+    now: datetime,
+    tolerance: timedelta = MISSED_AFTER,
+) -> Written:
+    """Decide every nominal time of `schedule` due at `now` (the database's clock), a ledger
+    row per decision (skipped ranges summarised), an instance per fire that starts; then the
+    schedule's next due time. A fire due more than `tolerance` before `now` was missed
+    (`plan_due`). Just resumed, the fires due up to the resume are the pause's, decided by the
+    operator's answer (`plan_resume`), and those due since by the usual rules: two plans in a
+    row decide what one over both would. Nominal times already in the ledger (a backfill or a
+    triggered run got there first) are left as they are."""
+    firing = _Firing(conn, schedule, now, schedule.buffered)
+    last = schedule.last_nominal_at
     if schedule.resume_catchup is not None and schedule.paused_at is not None:
-        plan: Plan = plan_resume(
+        resumed = min(schedule.resumed_at or now, now)
+        paused = plan_resume(
             schedule.spec,
             schedule.policy,
             schedule.id,
-            schedule.last_nominal_at,
-            min(schedule.paused_at, now),
-            now,
+            last,
+            min(schedule.paused_at, resumed),
+            resumed,
             schedule.resume_catchup,
         )
-        how_late = "resume"
-    else:
-        plan = plan_due(schedule.spec, schedule.policy, schedule.id, schedule.last_nominal_at, now)
-        how_late = "catchup"
-    known = await schedule_store.decided(
+        await _decide(firing, paused, "resume")
+        last = paused.last_nominal_at
+    plan = plan_due(schedule.spec, schedule.policy, schedule.id, last, now, tolerance=tolerance)
+    await _decide(firing, plan, "catchup")
+    await schedule_store.record(conn, schedule.id, firing.written.fires)
+    await schedule_store.advance(
         conn,
+        schedule,
+        last_nominal_at=plan.last_nominal_at,
+        next_due_at=plan.next_due_at,
+        buffered=firing.buffered,
+    )
+    return firing.written
+
+
+async def _decide(firing: _Firing, plan: Plan, how_late: str) -> None:
+    """The plan's decisions as ledger rows (`how_late` for the fires decided late: missed or
+    paused) and fires, in `firing`."""
+    schedule, now = firing.schedule, firing.now
+    known = await schedule_store.decided(
+        firing.conn,
         schedule.id,
         [d.nominal_at for d in plan.decisions] + [r.first_nominal_at for r in plan.skipped],
     )
-    firing = _Firing(conn, schedule, now, schedule.buffered)
     for r in plan.skipped:
         if r.first_nominal_at not in known:
             firing.written.fires.append(
@@ -216,15 +242,6 @@ async def fire_due(conn: asyncpg.Connection, schedule: Schedule, now: datetime) 
                 due_at=d.due_at,
             )
         )
-    await schedule_store.record(conn, schedule.id, firing.written.fires)
-    await schedule_store.advance(
-        conn,
-        schedule,
-        last_nominal_at=plan.last_nominal_at,
-        next_due_at=plan.next_due_at,
-        buffered=firing.buffered,
-    )
-    return firing.written
 
 
 async def release_buffered(conn: asyncpg.Connection, schedule: Schedule, now: datetime) -> Written:
@@ -282,10 +299,14 @@ async def backfill(
     failed to start) gets its run, and its ledger row says so."""
     known = await schedule_store.decided(conn, schedule.id, nominal)
     firing = _Firing(conn, schedule, now, schedule.buffered)
+    times = nominal_times(schedule.spec)
     for at in nominal:
         earlier = known.get(at)
         if earlier in (FireOutcome.STARTED, FireOutcome.BUFFERED):
             continue
+        if earlier is not None:
+            # A range row keyed on `at` keeps covering the rest of its range.
+            await schedule_store.shift_range(conn, schedule.id, at, times.first_after(at))
         why = "backfill" + (f" (was {earlier})" if earlier else "")
         await firing.fire(at, at, "backfill", why, overlap or schedule.policy.overlap)
     await schedule_store.record(conn, schedule.id, firing.written.fires)

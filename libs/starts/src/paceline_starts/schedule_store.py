@@ -39,6 +39,8 @@ class Schedule:
     paused_at: datetime | None
     resume_catchup: Catchup | None
     """Set by a resume: the next plan decides the fires missed while paused with it."""
+    resumed_at: datetime | None
+    """Set by a resume: when (fires due by then were due while paused)."""
     last_nominal_at: datetime
     next_due_at: datetime | None
     buffered: int
@@ -50,7 +52,7 @@ class Schedule:
 
 
 _COLUMNS = """
-    id, definition, version, inputs, spec, policy, paused, paused_at, resume_catchup,
+    id, definition, version, inputs, spec, policy, paused, paused_at, resume_catchup, resumed_at,
     last_nominal_at, next_due_at, buffered
 """
 
@@ -67,6 +69,7 @@ def schedule_of(row: asyncpg.Record) -> Schedule:
         paused=row["paused"],
         paused_at=row["paused_at"],
         resume_catchup=Catchup(catchup) if catchup else None,
+        resumed_at=row["resumed_at"],
         last_nominal_at=row["last_nominal_at"],
         next_due_at=row["next_due_at"],
         buffered=row["buffered"],
@@ -181,6 +184,8 @@ async def record(conn: asyncpg.Connection, schedule_id: str, fires: Sequence[Fir
                                     reason)
         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
         ON CONFLICT (schedule_id, nominal_at) DO UPDATE SET
+            last_nominal_at = EXCLUDED.last_nominal_at, count = EXCLUDED.count,
+            due_at = EXCLUDED.due_at,
             outcome = EXCLUDED.outcome, how = EXCLUDED.how, instance_id = EXCLUDED.instance_id,
             decided_at = EXCLUDED.decided_at, started_at = EXCLUDED.started_at,
             lateness_ms = EXCLUDED.lateness_ms, reason = EXCLUDED.reason
@@ -202,6 +207,26 @@ async def record(conn: asyncpg.Connection, schedule_id: str, fires: Sequence[Fir
             )
             for f in fires
         ],
+    )
+
+
+async def shift_range(
+    conn: asyncpg.Connection, schedule_id: str, first: datetime, following: datetime | None
+) -> None:
+    """A range row keyed on `first` gives `first` up (a backfill records it on its own): it
+    then starts at `following`, the spec's next fire time, one fewer; a range of one is left
+    for the caller's row to replace."""
+    await conn.execute(
+        """
+        UPDATE schedule_fires
+        SET nominal_at = $3, count = count - 1,
+            last_nominal_at = CASE WHEN last_nominal_at = $3 THEN NULL ELSE last_nominal_at END
+        WHERE schedule_id = $1 AND nominal_at = $2 AND last_nominal_at IS NOT NULL
+          AND $3::timestamptz IS NOT NULL AND last_nominal_at >= $3
+        """,
+        schedule_id,
+        first,
+        following,
     )
 
 
@@ -240,7 +265,8 @@ async def advance(
     await conn.execute(
         """
         UPDATE schedules SET last_nominal_at = $2, next_due_at = $3, buffered = $4,
-                             resume_catchup = NULL, paused_at = CASE WHEN paused THEN paused_at END
+                             resume_catchup = NULL, resumed_at = NULL,
+                             paused_at = CASE WHEN paused THEN paused_at END
         WHERE id = $1
         """,
         schedule.id,

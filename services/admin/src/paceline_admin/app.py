@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from paceline_admin import (
     approvals,
     definitions,
+    events,
     flags,
     health,
     http_telemetry,
@@ -19,6 +20,7 @@ from paceline_admin import (
     instances,
     openapi_doc,
     problems,
+    schedules,
     servers,
     signals,
 )
@@ -91,6 +93,8 @@ def create_app(settings: AdminSettings, identity: ServerIdentity | None = None) 
     app.include_router(instance_activities.router)
     app.include_router(signals.router)
     app.include_router(approvals.router)
+    app.include_router(schedules.router)
+    app.include_router(events.router)
     app.include_router(flags.router)
     app.include_router(servers.router)
 

@@ -6,6 +6,8 @@ from typing import Any
 
 import asyncpg
 
+from paceline_starts import intake
+
 # The two-key advisory lock space, apart from the single-key locks others use (migrations).
 _LOCK_CLASS = 0x7061  # 'pa'
 
@@ -14,7 +16,8 @@ async def insert_next_version(pool: asyncpg.Pool, name: str, body: Any) -> async
     """Store `body` as the next version of `name`; returns its name, version and created_at
     (not the body: the caller has it, and reading a large one back is wasted work). Concurrent
     creates of one name queue on a transaction-scoped lock, so each reads the max version the
-    previous one committed."""
+    previous one committed. The new version's triggers replace the definition's subscriptions
+    in the same transaction: the latest version holds them."""
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _LOCK_CLASS, name)
         row: asyncpg.Record = await conn.fetchrow(
@@ -26,6 +29,7 @@ async def insert_next_version(pool: asyncpg.Pool, name: str, body: Any) -> async
             name,
             body,
         )
+        await intake.replace_subscriptions(conn, row["name"], row["version"])
         return row
 
 

@@ -20,6 +20,7 @@ from paceline_admin.params import Text, Version
 from paceline_admin.schemas import refer
 from paceline_contracts.messages import ActivityError
 from paceline_contracts.states import ActivityStatus, InstanceStatus, ServerStatus
+from paceline_starts.instances import StartedHow
 
 CancelReason = StringConstraints(min_length=1, max_length=1000, pattern=r"^[^\x00]+$")
 """A cancel's reason: storable text (no NUL, no lone surrogate), at most 1000 characters."""
@@ -69,8 +70,14 @@ class InstanceSummary(BaseModel):
     version: int
     status: InstanceStatus = Field(description=STATUS_DESCRIPTION)
     trace_id: str | None
-    started_by: str = Field(description="Who asked: the principal whose token the start carried.")
-    started_how: str = Field(description="Through what: `api` for this API.")
+    started_by: str = Field(
+        description="Who asked: the principal whose token the start carried (`api`), "
+        "`schedule:<schedule id>` (`schedule`), `event:<event id>` (`event`)."
+    )
+    started_how: StartedHow = Field(
+        description="Through what: `api` (`POST /v1/instances`), `schedule` (a schedule's fire), "
+        "`event` (an event a trigger of the definition subscribes to)."
+    )
     created_at: datetime = Field(description="When the start was accepted.")
     started_at: datetime | None = Field(description="When the scheduler started running it.")
     finished_at: datetime | None
@@ -263,6 +270,12 @@ class InstanceDetail(InstanceSummary):
     )
     cancel: CancelView | None = Field(
         default=None, description="The cancel, once one was asked for; otherwise null."
+    )
+    trigger: dict[str, Any] | None = Field(
+        default=None,
+        description="What started it, as its expressions see `trigger`: `{kind: schedule, "
+        "schedule, nominal_at}` or `{kind: event, id, event: {type, id, source, data}}`; null "
+        "when started through the API.",
     )
 
 

@@ -21,7 +21,7 @@ _SUMMARY = """
 """
 
 _DETAIL = f"""
-    SELECT {_SUMMARY}, i.state, d.body AS definition_body,
+    SELECT {_SUMMARY}, i.state, i.trigger, d.body AS definition_body,
            c.by AS cancel_by, c.reason AS cancel_reason, c.requested_at AS cancel_requested_at
     FROM instances i
     JOIN definitions d ON d.name = i.definition AND d.version = i.version

@@ -209,6 +209,7 @@ async def get_instance(instance_id: IdParam, pool: Db, lost_after_s: LostAfter) 
         waiting_for=_waits(running, approvals),
         activities_truncated=total > len(shown),
         cancel=_cancel_view(row, state, running),
+        trigger=row["trigger"],
     )
 
 

@@ -17,6 +17,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable
 from contextlib import suppress
+from datetime import timedelta
 
 import asyncpg
 
@@ -40,9 +41,10 @@ _LEVELS = {FireOutcome.STARTED: logging.DEBUG, FireOutcome.START_FAILED: logging
 
 
 class Fires:
-    def __init__(self, pool: asyncpg.Pool, publisher: Publisher) -> None:
+    def __init__(self, pool: asyncpg.Pool, publisher: Publisher, missed_after_s: float) -> None:
         self._pool = pool
         self._publisher = publisher
+        self._tolerance = timedelta(seconds=missed_after_s)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -72,7 +74,9 @@ class Fires:
             now = await schedule_store.now(conn)
             due = await schedule_store.due(conn, now, BATCH)
             for schedule in due:
-                messages += await self._each(conn, schedule, firing.fire_due(conn, schedule, now))
+                messages += await self._each(
+                    conn, schedule, firing.fire_due(conn, schedule, now, self._tolerance)
+                )
         await outbox.flush(self._pool, self._publisher, messages)
         return len(due) == BATCH
 

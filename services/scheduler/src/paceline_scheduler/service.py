@@ -15,6 +15,7 @@ from paceline_infra.batching import Batcher, drive
 from paceline_infra.identity import ServerIdentity
 from paceline_infra.outbox import Relay
 from paceline_infra.presence import Presence
+from paceline_scheduler.events_in import EventsIn
 from paceline_scheduler.fires import Fires
 from paceline_scheduler.processor import Processor
 from paceline_scheduler.registry import Registry
@@ -40,12 +41,19 @@ async def serve(settings: SchedulerSettings, identity: ServerIdentity, stop: asy
             )
         beats = Batcher(max_size=500, window_s=0.05)
         await beats.consume(Queue.SERVERS, await _open(connection, settings, Queue.SERVERS, 500))
+        events = Batcher(max_size=settings.scheduler_batch_size, window_s=0.005)
+        await events.consume(
+            Queue.EVENTS_IN,
+            await _open(connection, settings, Queue.EVENTS_IN, settings.scheduler_prefetch),
+        )
         presence = Presence(identity, publisher, interval_s=settings.server_heartbeat_s)
         await presence.open(connection, settings.namespace, stop)
         tasks = [
             asyncio.create_task(presence.run(), name="presence"),
             asyncio.create_task(Relay(pool, publisher).run(stop), name="outbox-relay"),
-            asyncio.create_task(Fires(pool, publisher).run(stop), name="schedules"),
+            asyncio.create_task(
+                Fires(pool, publisher, settings.schedule_missed_after_s).run(stop), name="schedules"
+            ),
             asyncio.create_task(
                 drive(
                     beats,
@@ -55,9 +63,13 @@ async def serve(settings: SchedulerSettings, identity: ServerIdentity, stop: asy
                 ),
                 name="registry",
             ),
+            asyncio.create_task(
+                drive(events, stop, EventsIn(pool, publisher).handle, what="events.in"),
+                name="events-in",
+            ),
         ]
         log.info("scheduler %s ready (namespace %s)", identity.id, settings.namespace)
-        stopping = asyncio.create_task(_stop_consuming_on(stop, presence, work, beats))
+        stopping = asyncio.create_task(_stop_consuming_on(stop, presence, work, beats, events))
         processor = Processor(pool, publisher, settings.policy())
         await drive(work, stop, processor.handle, what="scheduler")
         await stopping

@@ -24,6 +24,11 @@ class SchedulerSettings(Settings):
     (a shell command gets SIGTERM, then SIGKILL after its `kill_grace`); past it the activity
     is recorded as cancelled with an unknown outcome."""
 
+    schedule_missed_after_s: float = Field(default=60.0, ge=0, le=3_600)
+    """A schedule's fire due longer ago than this when a scheduler gets to it was missed (no
+    scheduler ran): the schedule's catch-up policy decides it. Due less long ago, it fires
+    as on time, however late."""
+
     def policy(self) -> Policy:
         return Policy(
             crash_budget=self.crash_budget,

@@ -21,6 +21,7 @@ CREATE TABLE schedules (
     paused_at        timestamptz,
     pause_note       text,
     resume_catchup   text,                  -- set by resume: the next plan uses plan_resume
+    resumed_at       timestamptz,           -- set by resume: fires due by then are the pause's
     last_nominal_at  timestamptz NOT NULL,  -- the newest nominal time decided (creation time)
     next_due_at      timestamptz,           -- when a scheduler looks next; null: none to come
     buffered         integer     NOT NULL DEFAULT 0,  -- fires held (BUFFERED) not started yet
