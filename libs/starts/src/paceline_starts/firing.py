@@ -27,6 +27,7 @@ from paceline_engine.schedules import (
     FireOutcome,
     Overlap,
     OverlapAction,
+    OverlapDecision,
     Plan,
     overlap_decision,
     plan_due,
@@ -55,6 +56,18 @@ class Written:
 
 
 @dataclass(slots=True)
+class Pending:
+    """Instances started in a transaction, inserted together (`write`) before it commits: a
+    round of the firing loop writes those of all its schedules at once."""
+
+    instances: list[instances.NewInstance] = field(default_factory=list)
+
+    async def write(self, conn: asyncpg.Connection) -> None:
+        await instances.insert_many(conn, self.instances)
+        self.instances.clear()
+
+
+@dataclass(slots=True)
 class _Firing:
     """One schedule being fired in a transaction: its buffered count moves as fires are held
     and started."""
@@ -63,44 +76,60 @@ class _Firing:
     schedule: Schedule
     now: datetime
     buffered: int
+    pending: Pending = field(default_factory=Pending)
     written: Written = field(default_factory=Written)
+    started: list[UUID] = field(default_factory=list)
+    """The instances started here (maybe not written yet: `pending`)."""
+
+    async def running(self) -> list[UUID]:
+        """Its instances that have not ended: those in the database, then those started here."""
+        stored = await schedule_store.running(self.conn, self.schedule)
+        return stored + [i for i in self.started if i not in stored]
 
     async def start(self, nominal_at: datetime, why: str) -> tuple[FireOutcome, UUID | None, str]:
         """Start an instance for the fire; START_FAILED (with the reason) when the definition
         or the inputs refuse it."""
         s = self.schedule
-        row = await instances.stored_definition(self.conn, s.definition, s.version)
-        if row is None:
-            what = f" version {s.version}" if s.version is not None else ""
-            return FireOutcome.START_FAILED, None, f"definition {s.definition!r}{what} not found"
         try:
-            definition = await instances.parsed(row["name"], row["version"], row["body"])
+            found = await instances.resolved_definition(self.conn, s.definition, s.version)
+            if found is None:
+                what = f" version {s.version}" if s.version is not None else ""
+                why = f"definition {s.definition!r}{what} not found"
+                return FireOutcome.START_FAILED, None, why
+            version, definition = found
             inputs = resolve_inputs(definition, s.inputs)
         except DefinitionError as exc:
             problems = "; ".join(f"{p.path}: {p.message}" for p in exc.problems[:5])
             return FireOutcome.START_FAILED, None, f"the start was refused: {problems}"
-        staged = await instances.stage_instance(
-            self.conn,
-            definition=row["name"],
-            version=row["version"],
+        new = instances.new_instance(
+            definition=s.definition,
+            version=version,
             inputs=inputs,
             started_by=s.starter,
             started_how=StartedHow.SCHEDULE,
             trigger=trigger_for_schedule(s.id, nominal_at),
         )
-        assert staged is not None  # no idempotency key: the insert cannot conflict
-        self.written.messages.append(staged.command)
-        return FireOutcome.STARTED, staged.id, why
+        self.pending.instances.append(new)
+        self.written.messages.append(new.command)
+        self.started.append(new.id)
+        return FireOutcome.STARTED, new.id, why
 
     async def fire(
         self, nominal_at: datetime, due_at: datetime, how: str, why: str, overlap: Overlap
     ) -> Fire:
         """One fire under `overlap`: started, held, skipped, or the running runs cancelled
         and this one held until they ended."""
-        running = await schedule_store.running(self.conn, self.schedule)
-        decision = overlap_decision(
-            overlap, len(running), self.buffered, self.schedule.policy.max_buffered
-        )
+        if overlap is Overlap.ALLOW and not self.buffered:
+            # Whatever runs, it starts: no need to count the runs (a fire a second adds up).
+            running: list[UUID] = []
+            decision = OverlapDecision(
+                OverlapAction.START, FireOutcome.STARTED, "overlap=allow: started"
+            )
+        else:
+            running = list(await self.running())
+            decision = overlap_decision(
+                overlap, len(running), self.buffered, self.schedule.policy.max_buffered
+            )
         if decision.replaces_buffered and self.buffered:
             await schedule_store.unbuffer_all(
                 self.conn,
@@ -138,6 +167,7 @@ class _Firing:
         apply: nothing non-restartable is forced)."""
         by = self.schedule.starter
         reason = f"overlap=cancel_previous: the fire of {nominal_at.isoformat()} replaces it"
+        await self.pending.write(self.conn)  # a cancel request refers to its instance's row
         for instance_id in running:
             at = await self.conn.fetchval(
                 "INSERT INTO cancel_requests (instance_id, by, reason) VALUES ($1, $2, $3)"
@@ -166,6 +196,7 @@ async def fire_due(
     schedule: Schedule,
     now: datetime,
     tolerance: timedelta = MISSED_AFTER,
+    pending: Pending | None = None,
 ) -> Written:
     """Decide every nominal time of `schedule` due at `now` (the database's clock), a ledger
     row per decision (skipped ranges summarised), an instance per fire that starts; then the
@@ -173,8 +204,10 @@ async def fire_due(
     (`plan_due`). Just resumed, the fires due up to the resume are the pause's, decided by the
     operator's answer (`plan_resume`), and those due since by the usual rules: two plans in a
     row decide what one over both would. Nominal times already in the ledger (a backfill or a
-    triggered run got there first) are left as they are."""
-    firing = _Firing(conn, schedule, now, schedule.buffered)
+    triggered run got there first) are left as they are. With `pending`, the instances it
+    starts are left there for the caller to write (with those of other schedules) before the
+    commit."""
+    firing = _Firing(conn, schedule, now, schedule.buffered, pending or Pending())
     last = schedule.last_nominal_at
     if schedule.resume_catchup is not None and schedule.paused_at is not None:
         resumed = min(schedule.resumed_at or now, now)
@@ -191,6 +224,8 @@ async def fire_due(
         last = paused.last_nominal_at
     plan = plan_due(schedule.spec, schedule.policy, schedule.id, last, now, tolerance=tolerance)
     await _decide(firing, plan, "catchup")
+    if pending is None:
+        await firing.pending.write(conn)
     await schedule_store.record(conn, schedule.id, firing.written.fires)
     await schedule_store.advance(
         conn,
@@ -267,6 +302,7 @@ async def release_buffered(conn: asyncpg.Connection, schedule: Schedule, now: da
         started_at=now if instance_id else None,
     )
     firing.written.fires.append(fire)
+    await firing.pending.write(conn)
     await schedule_store.record(conn, schedule.id, [fire])
     await schedule_store.set_buffered(conn, schedule.id, max(0, schedule.buffered - 1))
     return firing.written
@@ -281,6 +317,7 @@ async def fire_now(
     fire = await firing.fire(
         now, now, "trigger", "triggered by an operator", overlap or schedule.policy.overlap
     )
+    await firing.pending.write(conn)
     await schedule_store.record(conn, schedule.id, [fire])
     await schedule_store.set_buffered(conn, schedule.id, firing.buffered)
     return firing.written
@@ -309,6 +346,7 @@ async def backfill(
             await schedule_store.shift_range(conn, schedule.id, at, times.first_after(at))
         why = "backfill" + (f" (was {earlier})" if earlier else "")
         await firing.fire(at, at, "backfill", why, overlap or schedule.policy.overlap)
+    await firing.pending.write(conn)
     await schedule_store.record(conn, schedule.id, firing.written.fires)
     await schedule_store.set_buffered(conn, schedule.id, firing.buffered)
     return firing.written

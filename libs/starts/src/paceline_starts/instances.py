@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -76,6 +76,86 @@ class Staged:
     """Its start command, staged in the outbox: flush it after the commit."""
 
 
+@dataclass(frozen=True, slots=True)
+class NewInstance:
+    """An instance to insert (`insert_many`), with its root span made and its start command."""
+
+    id: uuid.UUID
+    definition: str
+    version: int
+    inputs: dict[str, Any]
+    started_by: str
+    started_how: StartedHow
+    trigger: dict[str, Any] | None
+    trace_id: str | None
+    traceparent: str | None
+    command: OutboxMessage
+
+    def row(
+        self, idempotency_key: str | None = None, request_hash: str | None = None
+    ) -> tuple[Any, ...]:
+        """The INSERT's parameters."""
+        return (
+            self.id,
+            self.definition,
+            self.version,
+            InstanceState(inputs=self.inputs).document(),
+            self.trace_id,
+            self.traceparent,
+            self.started_by,
+            self.started_how.value,
+            self.trigger,
+            idempotency_key,
+            request_hash,
+        )
+
+
+_INSERT = """
+    INSERT INTO instances (id, definition, version, status, state, trace_id, traceparent,
+                           started_by, started_how, trigger, idempotency_key, request_hash)
+    VALUES ($1, $2, $3, 'PENDING', $4::jsonb, $5, $6, $7, $8, $9::jsonb, $10, $11)
+"""
+
+
+def new_instance(
+    *,
+    definition: str,
+    version: int,
+    inputs: Mapping[str, Any],
+    started_by: str,
+    started_how: StartedHow,
+    trigger: Mapping[str, Any] | None = None,
+    instance_id: uuid.UUID | None = None,
+) -> NewInstance:
+    """A PENDING instance (`inputs`: resolved, see `resolve_inputs`) not written yet: its root
+    span (`instance_root`) and its start command (a PRODUCER span under it)."""
+    instance_id = instance_id or uuid.uuid4()
+    with instance_root(instance_id, definition, version, started_by) as span:
+        headers = inject()
+        valid = span.get_span_context().is_valid  # not without a tracer provider
+        command = OutboxMessage.of(Queue.COMMANDS, StartInstance(instance_id=instance_id))
+    return NewInstance(
+        instance_id,
+        definition,
+        version,
+        dict(inputs),
+        started_by,
+        started_how,
+        dict(trigger) if trigger is not None else None,
+        trace_id_hex(span) if valid else None,
+        headers.get("traceparent"),
+        command,
+    )
+
+
+async def insert_many(conn: asyncpg.Connection, new: Sequence[NewInstance]) -> None:
+    """Insert these instances and stage their start commands, in `conn`'s transaction."""
+    if not new:
+        return
+    await conn.executemany(_INSERT, [n.row() for n in new])
+    await outbox.stage(conn, [n.command for n in new])
+
+
 async def stage_instance(
     conn: asyncpg.Connection,
     *,
@@ -93,36 +173,26 @@ async def stage_instance(
     start command, in `conn`'s transaction (the caller holds one). None when another
     transaction already used `idempotency_key` (the insert waits for it to end, so two
     concurrent retries never make two instances); nothing is staged then."""
-    instance_id = instance_id or uuid.uuid4()
-    with instance_root(instance_id, definition, version, started_by) as span:
-        headers = inject()
-        valid = span.get_span_context().is_valid  # not without a tracer provider
-        command = OutboxMessage.of(Queue.COMMANDS, StartInstance(instance_id=instance_id))
+    new = new_instance(
+        definition=definition,
+        version=version,
+        inputs=inputs,
+        started_by=started_by,
+        started_how=started_how,
+        trigger=trigger,
+        instance_id=instance_id,
+    )
     row = await conn.fetchrow(
-        """
-        INSERT INTO instances (id, definition, version, status, state, trace_id, traceparent,
-                               started_by, started_how, trigger, idempotency_key, request_hash)
-        VALUES ($1, $2, $3, 'PENDING', $4::jsonb, $5, $6, $7, $8, $9::jsonb, $10, $11)
-        ON CONFLICT (idempotency_key) DO NOTHING
-        RETURNING id, status, definition, version, trace_id
-        """,
-        instance_id,
-        definition,
-        version,
-        InstanceState(inputs=dict(inputs)).document(),
-        trace_id_hex(span) if valid else None,
-        headers.get("traceparent"),
-        started_by,
-        started_how.value,
-        dict(trigger) if trigger is not None else None,
-        idempotency_key,
-        request_hash,
+        _INSERT
+        + " ON CONFLICT (idempotency_key) DO NOTHING"
+        + " RETURNING id, status, definition, version, trace_id",
+        *new.row(idempotency_key, request_hash),
     )
     if row is None:
         return None
-    await outbox.stage(conn, [command])
+    await outbox.stage(conn, [new.command])
     return Staged(
-        row["id"], row["status"], row["definition"], row["version"], row["trace_id"], command
+        row["id"], row["status"], row["definition"], row["version"], row["trace_id"], new.command
     )
 
 
@@ -166,3 +236,24 @@ async def stored_definition(
         version,
     )
     return row
+
+
+async def resolved_definition(
+    conn: asyncpg.Connection, name: str, version: int | None
+) -> tuple[int, Definition] | None:
+    """The version of `name` that runs (`version`, or the latest when None) and its parsed
+    definition; None when there is none. A version stored once never changes or goes, so a
+    cached one is not read again (only "which is the latest" is asked). Raises DefinitionError
+    when it no longer validates."""
+    if version is None:
+        version = await conn.fetchval("SELECT max(version) FROM definitions WHERE name = $1", name)
+        if version is None:
+            return None
+    hit = _cache.get((name, version))
+    if hit is not None:
+        _cache.move_to_end((name, version))
+        return version, hit
+    row = await stored_definition(conn, name, version)
+    if row is None:
+        return None
+    return version, await parsed(name, version, row["body"])

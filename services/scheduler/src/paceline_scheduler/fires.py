@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.5
 """Longest sleep between rounds."""
-BATCH = 50
-"""Schedules one transaction fires at most (each in a savepoint of its own)."""
+BATCH = 100
+"""Schedules one transaction fires at most."""
 RETRY_S = 2.0
 """Pause after a round failed (the database unreachable, say)."""
 _LEVELS = {FireOutcome.STARTED: logging.DEBUG, FireOutcome.START_FAILED: logging.WARNING}
@@ -68,15 +68,32 @@ class Fires:
         return POLL_S if seconds is None else max(0.0, min(POLL_S, seconds))
 
     async def fire_due(self) -> bool:
-        """One round of due schedules; True when it took a full batch (more may be due)."""
+        """One round of due schedules; True when it took a full batch (more may be due). The
+        round is one transaction; when it fails (a bug, a row that no longer parses), its
+        schedules are fired again one by one, each in a savepoint, so that the one at fault
+        stays due, logged, and the others fire."""
+        try:
+            return await self._round(one_by_one=False)
+        except db.UNAVAILABLE:
+            raise
+        except Exception:
+            log.exception("schedules: a round failed; firing its schedules one by one")
+            return await self._round(one_by_one=True)
+
+    async def _round(self, *, one_by_one: bool) -> bool:
         messages: list[OutboxMessage] = []
         async with self._pool.acquire() as conn, conn.transaction():
             now = await schedule_store.now(conn)
             due = await schedule_store.due(conn, now, BATCH)
+            pending = firing.Pending()
             for schedule in due:
-                messages += await self._each(
-                    conn, schedule, firing.fire_due(conn, schedule, now, self._tolerance)
-                )
+                if one_by_one:
+                    work = firing.fire_due(conn, schedule, now, self._tolerance)
+                    written = await self._alone(conn, schedule, work)
+                else:
+                    written = await firing.fire_due(conn, schedule, now, self._tolerance, pending)
+                messages += _logged(schedule, written)
+            await pending.write(conn)
         await outbox.flush(self._pool, self._publisher, messages)
         return len(due) == BATCH
 
@@ -85,34 +102,36 @@ class Fires:
         async with self._pool.acquire() as conn, conn.transaction():
             now = await schedule_store.now(conn)
             for schedule in await schedule_store.with_buffered(conn, BATCH):
-                messages += await self._each(
-                    conn, schedule, firing.release_buffered(conn, schedule, now)
-                )
+                work = firing.release_buffered(conn, schedule, now)
+                messages += _logged(schedule, await self._alone(conn, schedule, work))
         await outbox.flush(self._pool, self._publisher, messages)
 
     @staticmethod
-    async def _each(
+    async def _alone(
         conn: asyncpg.Connection, schedule: Schedule, work: Awaitable[firing.Written]
-    ) -> list[OutboxMessage]:
-        """One schedule in a savepoint: a schedule that cannot be fired (a bug, a row that no
-        longer parses) is logged and left due; the others of the round fire."""
+    ) -> firing.Written:
+        """One schedule in a savepoint: a schedule that cannot be fired is logged and left as
+        it was; the others of the round fire."""
         try:
             async with conn.transaction():
-                written = await work
+                return await work
         except db.UNAVAILABLE:
             raise
         except Exception:
             log.exception("schedule %s: could not fire; it stays due", schedule.id)
-            return []
-        for fire in written.fires:
-            level = _LEVELS.get(fire.outcome, logging.INFO)
-            log.log(
-                level,
-                "schedule %s: %s %s (%s)%s",
-                schedule.id,
-                fire.nominal_at.isoformat(),
-                fire.outcome.value,
-                fire.reason,
-                f" instance {fire.instance_id}" if fire.instance_id else "",
-            )
-        return written.messages
+            return firing.Written()
+
+
+def _logged(schedule: Schedule, written: firing.Written) -> list[OutboxMessage]:
+    """Log what the schedule's fires became; their messages."""
+    for fire in written.fires:
+        log.log(
+            _LEVELS.get(fire.outcome, logging.INFO),
+            "schedule %s: %s %s (%s)%s",
+            schedule.id,
+            fire.nominal_at.isoformat(),
+            fire.outcome.value,
+            fire.reason,
+            f" instance {fire.instance_id}" if fire.instance_id else "",
+        )
+    return written.messages
