@@ -57,14 +57,24 @@ class Written:
 
 @dataclass(slots=True)
 class Pending:
-    """Instances started in a transaction, inserted together (`write`) before it commits: a
-    round of the firing loop writes those of all its schedules at once."""
+    """What fires wrote in a transaction, not written yet: instances, ledger rows and where
+    each schedule stands, written together (`write`) before the commit. A round of the firing
+    loop writes those of all its schedules at once (a few statements, not a few per fire)."""
 
     instances: list[instances.NewInstance] = field(default_factory=list)
+    fires: list[tuple[str, Fire]] = field(default_factory=list)
+    advances: list[schedule_store.Advance] = field(default_factory=list)
+    known: dict[str, dict[datetime, str]] | None = None
+    """Ledger rows already there after each schedule's last decided nominal time, read for
+    the whole round at once (`schedule_store.decided_after`); None: read per schedule."""
 
     async def write(self, conn: asyncpg.Connection) -> None:
         await instances.insert_many(conn, self.instances)
+        await schedule_store.record_many(conn, self.fires)
+        await schedule_store.advance(conn, self.advances)
         self.instances.clear()
+        self.fires.clear()
+        self.advances.clear()
 
 
 @dataclass(slots=True)
@@ -224,16 +234,12 @@ async def fire_due(
         last = paused.last_nominal_at
     plan = plan_due(schedule.spec, schedule.policy, schedule.id, last, now, tolerance=tolerance)
     await _decide(firing, plan, "catchup")
+    firing.pending.fires += [(schedule.id, f) for f in firing.written.fires]
+    firing.pending.advances.append(
+        schedule_store.Advance(schedule.id, plan.last_nominal_at, plan.next_due_at, firing.buffered)
+    )
     if pending is None:
         await firing.pending.write(conn)
-    await schedule_store.record(conn, schedule.id, firing.written.fires)
-    await schedule_store.advance(
-        conn,
-        schedule,
-        last_nominal_at=plan.last_nominal_at,
-        next_due_at=plan.next_due_at,
-        buffered=firing.buffered,
-    )
     return firing.written
 
 
@@ -241,11 +247,14 @@ async def _decide(firing: _Firing, plan: Plan, how_late: str) -> None:
     """The plan's decisions as ledger rows (`how_late` for the fires decided late: missed or
     paused) and fires, in `firing`."""
     schedule, now = firing.schedule, firing.now
-    known = await schedule_store.decided(
-        firing.conn,
-        schedule.id,
-        [d.nominal_at for d in plan.decisions] + [r.first_nominal_at for r in plan.skipped],
-    )
+    if firing.pending.known is not None:
+        known = firing.pending.known.get(schedule.id, {})
+    else:
+        known = await schedule_store.decided(
+            firing.conn,
+            schedule.id,
+            [d.nominal_at for d in plan.decisions] + [r.first_nominal_at for r in plan.skipped],
+        )
     for r in plan.skipped:
         if r.first_nominal_at not in known:
             firing.written.fires.append(

@@ -173,8 +173,14 @@ class Fire:
 
 
 async def record(conn: asyncpg.Connection, schedule_id: str, fires: Sequence[Fire]) -> None:
-    """Write ledger rows; a row for a nominal time already recorded is replaced (a backfill
-    starting a fire that was skipped, a buffered fire that started)."""
+    """Write ledger rows of one schedule (`record_many`)."""
+    await record_many(conn, [(schedule_id, f) for f in fires])
+
+
+async def record_many(conn: asyncpg.Connection, fires: Sequence[tuple[str, Fire]]) -> None:
+    """Write ledger rows, each with its schedule's id; a row for a nominal time already
+    recorded is replaced (a backfill starting a fire that was skipped, a buffered fire that
+    started)."""
     if not fires:
         return
     await conn.executemany(
@@ -205,7 +211,7 @@ async def record(conn: asyncpg.Connection, schedule_id: str, fires: Sequence[Fir
                 f.lateness_ms,
                 f.reason,
             )
-            for f in fires
+            for schedule_id, f in fires
         ],
     )
 
@@ -253,27 +259,49 @@ async def unbuffer_all(
     return int(done.split()[-1])
 
 
-async def advance(
-    conn: asyncpg.Connection,
-    schedule: Schedule,
-    *,
-    last_nominal_at: datetime,
-    next_due_at: datetime | None,
-    buffered: int,
-) -> None:
-    """Store where the schedule's firing stands (and forget a resume's answer: it is used)."""
-    await conn.execute(
+@dataclass(frozen=True, slots=True)
+class Advance:
+    """Where a schedule's firing stands after a plan."""
+
+    schedule_id: str
+    last_nominal_at: datetime
+    next_due_at: datetime | None
+    buffered: int
+
+
+async def advance(conn: asyncpg.Connection, advances: Sequence[Advance]) -> None:
+    """Store where each schedule's firing stands (and forget a resume's answer: it is used)."""
+    if not advances:
+        return
+    await conn.executemany(
         """
         UPDATE schedules SET last_nominal_at = $2, next_due_at = $3, buffered = $4,
                              resume_catchup = NULL, resumed_at = NULL,
                              paused_at = CASE WHEN paused THEN paused_at END
         WHERE id = $1
         """,
-        schedule.id,
-        last_nominal_at,
-        next_due_at,
-        buffered,
+        [(a.schedule_id, a.last_nominal_at, a.next_due_at, a.buffered) for a in advances],
     )
+
+
+async def decided_after(
+    conn: asyncpg.Connection, schedules: Sequence[Schedule]
+) -> dict[str, dict[datetime, str]]:
+    """For each schedule, the ledger rows after its last decided nominal time (written by a
+    triggered run or a backfill, not by a plan): the outcome by nominal time."""
+    rows = await conn.fetch(
+        """
+        SELECT f.schedule_id, f.nominal_at, f.outcome
+        FROM unnest($1::text[], $2::timestamptz[]) AS s(id, last)
+        JOIN schedule_fires f ON f.schedule_id = s.id AND f.nominal_at > s.last
+        """,
+        [s.id for s in schedules],
+        [s.last_nominal_at for s in schedules],
+    )
+    found: dict[str, dict[datetime, str]] = {s.id: {} for s in schedules}
+    for r in rows:
+        found[r["schedule_id"]][r["nominal_at"]] = r["outcome"]
+    return found
 
 
 async def set_buffered(conn: asyncpg.Connection, schedule_id: str, buffered: int) -> None:

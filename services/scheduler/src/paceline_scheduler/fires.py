@@ -86,6 +86,8 @@ class Fires:
             now = await schedule_store.now(conn)
             due = await schedule_store.due(conn, now, BATCH)
             pending = firing.Pending()
+            if not one_by_one:
+                pending.known = await schedule_store.decided_after(conn, due)
             for schedule in due:
                 if one_by_one:
                     work = firing.fire_due(conn, schedule, now, self._tolerance)
