@@ -121,3 +121,25 @@ async def test_a_backfill_of_a_ranges_first_time_moves_the_range_on(
     assert (moved["last_nominal_at"], moved["count"]) == (ranges[0]["last_nominal_at"], count - 1)
     covered = sum(r["count"] or 1 for r in after)
     assert covered == sum(r["count"] or 1 for r in before) == 300
+
+    # A time inside the range: its outcome is the range's, and a backfill splits the range
+    # around it; every nominal time is still covered by exactly one row.
+    inside = first + timedelta(seconds=50)
+    async with pool.acquire() as conn, conn.transaction():
+        assert await schedule_store.decided(conn, schedule_id, [inside]) == {
+            inside: "SKIPPED_MISSED"
+        }
+        schedule = await schedule_store.lock(conn, schedule_id)
+        assert schedule is not None
+        written = await firing.backfill(conn, schedule, [inside], await schedule_store.now(conn))
+    assert next(f.reason for f in written.fires).startswith("backfill (was SKIPPED_MISSED)")
+    split = await _rows(pool, schedule_id)
+    assert sum(r["count"] or 1 for r in split) == 300
+    cover: dict[datetime, int] = {}
+    for r in split:
+        at, last = r["nominal_at"], r["last_nominal_at"] or r["nominal_at"]
+        while at <= last:
+            cover[at] = cover.get(at, 0) + 1
+            at += timedelta(seconds=1)
+    assert set(cover.values()) == {1} and len(cover) == 300
+    assert [r["outcome"] for r in split if r["nominal_at"] == inside] == ["STARTED"]

@@ -182,6 +182,29 @@ def test_bad_specs_are_refused(raw: dict[str, Any], message: str) -> None:
         ScheduleSpec.model_validate(raw)
 
 
+def test_a_bad_duration_does_not_hide_the_other_problems_of_a_spec() -> None:
+    """Every problem at once: a duration out of range is one problem among the others, not a
+    field error that stops the spec's own checks."""
+    raw = {
+        "cron": "61 * * * *",
+        "timezone": "Mars/Olympus",
+        "jitter": "40d",
+        "start_at": "2021-01-01T00:00:00Z",
+        "end_at": "2020-01-01T00:00:00Z",
+    }
+    with pytest.raises(ValidationError) as refused:
+        ScheduleSpec.model_validate(raw)
+    message = str(refused.value)
+    for problem in ("jitter: a duration is at most 30 days", "cron: ", "timezone: ", "end_at:"):
+        assert problem in message, message
+    for zone in ("posix/Europe/Paris", "right/UTC", "Factory"):
+        with pytest.raises(ValidationError, match="not a canonical IANA zone"):
+            ScheduleSpec.model_validate({"cron": "0 2 * * *", "timezone": zone})
+    with pytest.raises(ValidationError) as refused:
+        SchedulePolicy.model_validate({"catchup_window": "soon", "overlap": "allow"})
+    assert "catchup_window: 'soon' is not a duration" in str(refused.value)
+
+
 def test_several_spec_problems_are_reported_together() -> None:
     with pytest.raises(ValidationError) as raised:
         ScheduleSpec.model_validate(

@@ -139,13 +139,30 @@ def parse_span(value: Any) -> timedelta:
     return timedelta(microseconds=round(seconds * 1_000_000))
 
 
-def _span(value: Any) -> Any:
-    parse_span(value)
+def _as_written(value: Any) -> Any:
+    if isinstance(value, bool):  # pydantic would read true as 1.0
+        parse_span(value)  # raises: not a duration
     return float(value) if isinstance(value, int | float) else value
 
 
-Span = Annotated[str | float, BeforeValidator(_span)]
-"""A duration as the user wrote it (`"15m"`, `"1h30m"`, or seconds), checked by `parse_span`."""
+Span = Annotated[str | float, BeforeValidator(_as_written)]
+"""A duration as the user wrote it (`"15m"`, `"1h30m"`, or seconds). Checked by `parse_span`
+in the model's own check, with the model's other rules, so that one bad duration does not hide
+the other problems of a spec."""
+
+
+def _span_problems(model: BaseModel, names: tuple[str, ...]) -> list[str]:
+    """`name: why` for each of these duration fields of `model` that `parse_span` refuses."""
+    problems = []
+    for name in names:
+        value = getattr(model, name)
+        if value is None:
+            continue
+        try:
+            parse_span(value)
+        except ValueError as exc:
+            problems.append(f"{name}: {exc}")
+    return problems
 
 
 @lru_cache(maxsize=256)
@@ -156,6 +173,10 @@ def zone_of(name: str) -> tzinfo:
         return UTC
     if name == "localtime":  # the machine's own zone: schedulers could disagree
         raise ValueError("'localtime' is not a zone name: name the zone (say Europe/Paris)")
+    if name.startswith(("posix/", "right/")) or name == "Factory":
+        # Copies and oddities of the system's zone files (right/ counts leap seconds): not in
+        # the tzdata package, so two machines could read them differently or not at all.
+        raise ValueError(f"{name!r} is not a canonical IANA zone name (such as Europe/Paris)")
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError):
@@ -206,7 +227,7 @@ class ScheduleSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> ScheduleSpec:
-        problems: list[str] = []
+        problems = _span_problems(self, ("interval", "offset", "jitter"))
         if (self.cron is None) == (self.interval is None):
             problems.append("a spec has exactly one of 'cron' and 'interval'")
         if self.cron is not None and (problem := _cron_problem(self.cron)):
@@ -217,7 +238,7 @@ class ScheduleSpec(BaseModel):
             problems.append(f"timezone: {exc}")
         if self.offset is not None and self.interval is None:
             problems.append("offset: only an interval takes an offset")
-        if self.interval is not None:
+        if self.interval is not None and not problems:
             interval = self.interval_delta
             if interval < MIN_INTERVAL:
                 problems.append("interval: at least 1s")
@@ -271,8 +292,11 @@ class SchedulePolicy(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SchedulePolicy:
-        if self.window <= timedelta(0):
-            raise ValueError("catchup_window: more than zero")
+        problems = _span_problems(self, ("catchup_window",))
+        if not problems and self.window <= timedelta(0):
+            problems.append("catchup_window: more than zero")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @property

@@ -21,7 +21,7 @@ import asyncpg
 from paceline_contracts.messages import CancelInstance, InstanceCancelled
 from paceline_contracts.queues import Queue, Stream
 from paceline_engine.definitions import DefinitionError, resolve_inputs, trigger_for_schedule
-from paceline_engine.schedule_spec import nominal_times
+from paceline_engine.schedule_spec import NominalTimes, nominal_times
 from paceline_engine.schedules import (
     MISSED_AFTER,
     FireOutcome,
@@ -40,6 +40,8 @@ from paceline_starts.instances import StartedHow
 from paceline_starts.schedule_store import Fire, Schedule
 
 log = logging.getLogger(__name__)
+
+_US = timedelta(microseconds=1)
 
 
 @dataclass(slots=True)
@@ -351,11 +353,32 @@ async def backfill(
         if earlier in (FireOutcome.STARTED, FireOutcome.BUFFERED):
             continue
         if earlier is not None:
-            # A range row keyed on `at` keeps covering the rest of its range.
-            await schedule_store.shift_range(conn, schedule.id, at, times.first_after(at))
+            await _out_of_range(conn, schedule.id, times, at)
         why = "backfill" + (f" (was {earlier})" if earlier else "")
         await firing.fire(at, at, "backfill", why, overlap or schedule.policy.overlap)
     await firing.pending.write(conn)
     await schedule_store.record(conn, schedule.id, firing.written.fires)
     await schedule_store.set_buffered(conn, schedule.id, firing.buffered)
     return firing.written
+
+
+async def _out_of_range(
+    conn: asyncpg.Connection, schedule_id: str, times: NominalTimes, nominal_at: datetime
+) -> None:
+    """When a range row holds `nominal_at`, split it around it: every nominal time stays
+    covered by exactly one row once `nominal_at` has its own."""
+    held = await schedule_store.range_holding(conn, schedule_id, nominal_at)
+    if held is None:
+        return
+    first, last, count = held["nominal_at"], held["last_nominal_at"], held["count"]
+    before: tuple[datetime, int | None] | None = None
+    after: tuple[datetime, int | None] | None = None
+    if nominal_at > first:
+        prev = next(iter(times.upto(nominal_at - _US)))
+        before = (prev, times.count(first - _US, prev))
+    following = times.first_after(nominal_at)
+    if following is not None and following <= last:
+        left = before[1] if before is not None else 0
+        rest = count - left - 1 if count is not None and left is not None else None
+        after = (following, rest)
+    await schedule_store.split_range(conn, schedule_id, held, nominal_at, before, after)

@@ -137,14 +137,82 @@ async def running(conn: asyncpg.Connection, schedule: Schedule) -> list[UUID]:
 async def decided(
     conn: asyncpg.Connection, schedule_id: str, nominal: Sequence[datetime]
 ) -> dict[datetime, str]:
-    """The outcome recorded for each of these nominal times that has a ledger row."""
+    """The outcome recorded for each of these nominal times that the ledger covers: by its own
+    row, or by a range row (missed or paused fires summarised) that holds it."""
     rows = await conn.fetch(
-        "SELECT nominal_at, outcome FROM schedule_fires"
-        " WHERE schedule_id = $1 AND nominal_at = ANY($2::timestamptz[])",
+        """
+        SELECT t, f.outcome
+        FROM unnest($2::timestamptz[]) AS t
+        JOIN LATERAL (
+            SELECT nominal_at, last_nominal_at, outcome FROM schedule_fires
+            WHERE schedule_id = $1 AND nominal_at <= t ORDER BY nominal_at DESC LIMIT 1
+        ) f ON f.nominal_at = t OR f.last_nominal_at >= t
+        """,
         schedule_id,
         list(nominal),
     )
-    return {r["nominal_at"]: r["outcome"] for r in rows}
+    return {r["t"]: r["outcome"] for r in rows}
+
+
+async def range_holding(
+    conn: asyncpg.Connection, schedule_id: str, nominal_at: datetime
+) -> asyncpg.Record | None:
+    """The range row that holds `nominal_at` (keyed on it or on an earlier time), if any."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        """
+        SELECT nominal_at, last_nominal_at, count, outcome, how, decided_at, reason
+        FROM schedule_fires
+        WHERE schedule_id = $1 AND nominal_at <= $2 AND last_nominal_at >= $2
+        ORDER BY nominal_at DESC LIMIT 1
+        """,
+        schedule_id,
+        nominal_at,
+    )
+    return row
+
+
+async def split_range(
+    conn: asyncpg.Connection,
+    schedule_id: str,
+    held: asyncpg.Record,
+    nominal_at: datetime,
+    before: tuple[datetime, int | None] | None,
+    after: tuple[datetime, int | None] | None,
+) -> None:
+    """Take `nominal_at` out of the range row `held` (a backfill records it on its own): the
+    range keeps the fire times before it (`before`: the last of them and how many), and a
+    range row keyed on the first fire time after it holds those after it (`after`: that time
+    and how many). Each part's reason says what was taken out."""
+    first, last = held["nominal_at"], held["last_nominal_at"]
+    reason = f"{held['reason']}; {nominal_at.isoformat()} taken out by a backfill"
+    parts = []
+    if before is not None:
+        parts.append((first, before[0], before[1]))
+    if after is not None:
+        parts.append((after[0], last, after[1]))
+    await conn.execute(
+        "DELETE FROM schedule_fires WHERE schedule_id = $1 AND nominal_at = $2", schedule_id, first
+    )
+    await conn.executemany(
+        """
+        INSERT INTO schedule_fires (schedule_id, nominal_at, last_nominal_at, count, outcome, how,
+                                    decided_at, reason)
+        VALUES ($1, $2::timestamptz, NULLIF($3::timestamptz, $2::timestamptz), $4, $5, $6, $7, $8)
+        """,
+        [
+            (
+                schedule_id,
+                start,
+                end,
+                count,
+                held["outcome"],
+                held["how"],
+                held["decided_at"],
+                reason,
+            )
+            for start, end, count in parts
+        ],
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,26 +281,6 @@ async def record_many(conn: asyncpg.Connection, fires: Sequence[tuple[str, Fire]
             )
             for schedule_id, f in fires
         ],
-    )
-
-
-async def shift_range(
-    conn: asyncpg.Connection, schedule_id: str, first: datetime, following: datetime | None
-) -> None:
-    """A range row keyed on `first` gives `first` up (a backfill records it on its own): it
-    then starts at `following`, the spec's next fire time, one fewer; a range of one is left
-    for the caller's row to replace."""
-    await conn.execute(
-        """
-        UPDATE schedule_fires
-        SET nominal_at = $3, count = count - 1,
-            last_nominal_at = CASE WHEN last_nominal_at = $3 THEN NULL ELSE last_nominal_at END
-        WHERE schedule_id = $1 AND nominal_at = $2 AND last_nominal_at IS NOT NULL
-          AND $3::timestamptz IS NOT NULL AND last_nominal_at >= $3
-        """,
-        schedule_id,
-        first,
-        following,
     )
 
 
