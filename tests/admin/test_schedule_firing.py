@@ -6,11 +6,13 @@ test_schedules.py runs the loop itself, with real schedulers.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 from admin_support import create_definition, unique
 
 from paceline_engine.schedule_spec import FireOutcome
@@ -47,6 +49,16 @@ async def _fire_due(pool: asyncpg.Pool, schedule_id: str, now: datetime) -> firi
         schedule = await schedule_store.lock(conn, schedule_id)
         assert schedule is not None
         return await firing.fire_due(conn, schedule, now)
+
+
+@pytest.fixture(autouse=True)
+async def _no_commands_left(pool: asyncpg.Pool) -> AsyncIterator[None]:
+    """No relay runs in these tests: the start commands the fires staged are removed, so
+    that tests counting the outbox see only their own."""
+    before = {r["id"] for r in await pool.fetch("SELECT id FROM outbox")}
+    yield
+    after = {r["id"] for r in await pool.fetch("SELECT id FROM outbox")}
+    await pool.execute("DELETE FROM outbox WHERE id = ANY($1::uuid[])", list(after - before))
 
 
 def _second(moment: datetime) -> datetime:
