@@ -564,11 +564,14 @@ async def test_pause_and_resume_write_what_the_scheduler_reads(
     assert row["paused_at"] >= before
     first_pause = row["paused_at"]
 
-    # Pausing again keeps when the pause began, and the note unless a new one is given.
+    # Pausing again keeps when the pause began, and the note unless a new one is given; with
+    # nothing new, nothing changes (not even the revision).
+    revision = row["revision"]
     again = await client.post(f"{url}/pause")
     assert again.status_code == 200, again.text
     row = await row_of(pool, view["id"])
     assert (row["paused_at"], row["pause_note"]) == (first_pause, "maintenance")
+    assert row["revision"] == revision
     await client.post(f"{url}/pause", json={"note": "longer"})
     assert (await row_of(pool, view["id"]))["pause_note"] == "longer"
 

@@ -165,13 +165,14 @@ async def pause(
     conn: asyncpg.Connection, schedule_id: str, note: str | None, now: datetime
 ) -> None:
     """Paused from now; a schedule paused already (or resumed, with the fires of its pause
-    not decided yet) keeps when its pause began. The note replaces the last one when given."""
+    not decided yet) keeps when its pause began. The note replaces the last one when given.
+    Pausing a paused schedule with no new note changes nothing (not even its revision)."""
     await conn.execute(
         """
         UPDATE schedules SET paused = true, paused_at = coalesce(paused_at, $3),
                              pause_note = coalesce($2, CASE WHEN paused THEN pause_note END),
                              next_due_at = NULL, revision = revision + 1, updated_at = $3
-        WHERE id = $1
+        WHERE id = $1 AND (NOT paused OR ($2::text IS NOT NULL AND $2 IS DISTINCT FROM pause_note))
         """,
         schedule_id,
         note,
