@@ -117,7 +117,8 @@ _INSERT = """
 """
 
 
-def new_instance(
+@contextmanager
+def rooted_instance(
     *,
     definition: str,
     version: int,
@@ -126,26 +127,34 @@ def new_instance(
     started_how: StartedHow,
     trigger: Mapping[str, Any] | None = None,
     instance_id: uuid.UUID | None = None,
-) -> NewInstance:
-    """A PENDING instance (`inputs`: resolved, see `resolve_inputs`) not written yet: its root
-    span (`instance_root`) and its start command (a PRODUCER span under it)."""
+) -> Iterator[NewInstance]:
+    """A PENDING instance (`inputs`: resolved, see `resolve_inputs`) not written yet, inside its
+    root span (`instance_root`), which ends with the block: what the block does (its INSERT)
+    is part of the instance's trace. Its start command carries a PRODUCER span under it."""
     instance_id = instance_id or uuid.uuid4()
     with instance_root(instance_id, definition, version, started_by) as span:
         headers = inject()
         valid = span.get_span_context().is_valid  # not without a tracer provider
         command = OutboxMessage.of(Queue.COMMANDS, StartInstance(instance_id=instance_id))
-    return NewInstance(
-        instance_id,
-        definition,
-        version,
-        dict(inputs),
-        started_by,
-        started_how,
-        dict(trigger) if trigger is not None else None,
-        trace_id_hex(span) if valid else None,
-        headers.get("traceparent"),
-        command,
-    )
+        yield NewInstance(
+            instance_id,
+            definition,
+            version,
+            dict(inputs),
+            started_by,
+            started_how,
+            dict(trigger) if trigger is not None else None,
+            trace_id_hex(span) if valid else None,
+            headers.get("traceparent"),
+            command,
+        )
+
+
+def new_instance(**described: Any) -> NewInstance:
+    """`rooted_instance`'s instance, its root span ended at once (written later, with others:
+    `insert_many`). Takes `rooted_instance`'s arguments."""
+    with rooted_instance(**described) as new:
+        return new
 
 
 async def insert_many(conn: asyncpg.Connection, new: Sequence[NewInstance]) -> None:
@@ -173,7 +182,7 @@ async def stage_instance(
     start command, in `conn`'s transaction (the caller holds one). None when another
     transaction already used `idempotency_key` (the insert waits for it to end, so two
     concurrent retries never make two instances); nothing is staged then."""
-    new = new_instance(
+    with rooted_instance(
         definition=definition,
         version=version,
         inputs=inputs,
@@ -181,16 +190,16 @@ async def stage_instance(
         started_how=started_how,
         trigger=trigger,
         instance_id=instance_id,
-    )
-    row = await conn.fetchrow(
-        _INSERT
-        + " ON CONFLICT (idempotency_key) DO NOTHING"
-        + " RETURNING id, status, definition, version, trace_id",
-        *new.row(idempotency_key, request_hash),
-    )
-    if row is None:
-        return None
-    await outbox.stage(conn, [new.command])
+    ) as new:
+        row = await conn.fetchrow(
+            _INSERT
+            + " ON CONFLICT (idempotency_key) DO NOTHING"
+            + " RETURNING id, status, definition, version, trace_id",
+            *new.row(idempotency_key, request_hash),
+        )
+        if row is None:
+            return None
+        await outbox.stage(conn, [new.command])
     return Staged(
         row["id"], row["status"], row["definition"], row["version"], row["trace_id"], new.command
     )
