@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -57,9 +56,6 @@ _MAX_INDEXED_BYTES = 512
 """A key longer than this (UTF-8) is stored as its digest: PostgreSQL's b-tree indexes refuse
 entries over about 2.7 kB."""
 _INT64 = (-(2**63), 2**63 - 1)
-
-_subscribed: OrderedDict[tuple[str, int], Definition] = OrderedDict()
-"""The definitions that subscriptions named lately, parsed (the most recently used)."""
 
 
 class Outcome(StrEnum):
@@ -299,20 +295,10 @@ async def _start_subscribers(
 
 
 async def _definition(conn: asyncpg.Connection, name: str, version: int) -> Definition | None:
-    """Version `version` of `name`, parsed; its body is read only the first time (a version
-    never changes once stored): a large definition is not read again for every event."""
-    known = _subscribed.get((name, version))
-    if known is not None:
-        _subscribed.move_to_end((name, version))
-        return known
-    row = await instances.stored_definition(conn, name, version)
-    if row is None:
-        return None
-    definition = await instances.parsed(name, version, row["body"])
-    _subscribed[(name, version)] = definition
-    if len(_subscribed) > instances.CACHE_SIZE:
-        _subscribed.popitem(last=False)
-    return definition
+    """Version `version` of `name`, parsed (`instances.resolved_definition`: a version already
+    parsed is not read again, so a large body is not read for every event)."""
+    found = await instances.resolved_definition(conn, name, version)
+    return found[1] if found is not None else None
 
 
 async def _fire(
